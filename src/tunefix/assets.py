@@ -240,7 +240,7 @@ def smollm2() -> Path:
     from tunefix.assets_build import build_smollm2
 
     gguf = smollm2_gguf()
-    return cached_dir("smollm2-135m-instruct", lambda tmp: build_smollm2(gguf, tmp), version="1")
+    return cached_dir("smollm2-135m-instruct", lambda tmp: build_smollm2(gguf, tmp), version="2")
 
 
 def tokenizer(name: str) -> Path:

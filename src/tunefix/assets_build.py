@@ -127,7 +127,12 @@ def build_smollm2(gguf_path: Path, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                   dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild and copy.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF loader marks the config as "quantized with gguf", which makes the rebuilt
+    # model refuse save_pretrained too: the dequantised weights are plain tensors.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # A tied lm_head is absent from the state dict of a tied model; nothing else may be.
     missing = [k for k in missing if not (k == "lm_head.weight" and loaded.config.tie_word_embeddings)]

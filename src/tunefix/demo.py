@@ -16,7 +16,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     console = Console()
     console.rule("tunefix demo")
-    console.print("fetching the real assets (once; cached in %s)" % assets.cache_root())
+    console.print(f"fetching the real assets (once; cached in {assets.cache_root()})")
     assets.fetch_all(progress=lambda label: console.print(f"  {label}", highlight=False))
     model = args.model or str(assets.smollm2())
     try:

@@ -35,6 +35,14 @@ FAMILIES: dict[str, TinySpec] = {
 }
 
 
+STOP_IDS = {
+    "qwen2": [151645, 151643],          # <|im_end|>, <|endoftext|> (Qwen2.5-Instruct)
+    "phi-3": [32000, 32001, 32007],     # <|endoftext|>, <|assistant|>, <|end|> (Phi-3-mini)
+    "llama-bpe": [128001],              # <|end_of_text|> (Llama 3 base)
+    "llama-spm": [2],                   # </s>
+}
+
+
 def _config(spec: TinySpec, vocab_size: int, hidden: int, layers: int, tok):
     import transformers as tf
 
@@ -83,6 +91,9 @@ def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int = 2, se
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
     model = model.to(torch.bfloat16)
+    # Stop ids as the real checkpoints of each family ship them: instruct-style where the
+    # tokenizer carries a chat template (Qwen2, Phi-3), base-style otherwise.
+    model.generation_config.eos_token_id = STOP_IDS.get(spec.tokenizer, [tok.eos_token_id])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
@@ -101,4 +112,4 @@ def tiny_model(family: str, *, hidden: int = 256, layers: int = 2, seed: int = 0
 
     name = f"tiny-{family}-h{hidden}-l{layers}-s{seed}"
     return assets.cached_dir(name, lambda tmp: build_tiny(family, tmp, hidden=hidden, layers=layers,
-                                                          seed=seed), version="2")
+                                                          seed=seed), version="3")

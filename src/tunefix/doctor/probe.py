@@ -1,0 +1,241 @@
+"""Shared measurements the checks make: rendering a conversation, counting BOS tokens,
+finding the end-of-turn token, and finding untrained embedding rows.
+
+Each is computed once per subject (``Probe`` caches them) because several checks use them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from tunefix.doctor.subject import RowMatrix, Subject
+
+ANSWER = "The answer is 42."
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "What is six times seven?"},
+     {"role": "assistant", "content": ANSWER},
+     {"role": "user", "content": "Thanks!"},
+     {"role": "assistant", "content": "You are welcome."}],
+    # Without a system turn, for templates that refuse one (Gemma, Mistral v1).
+    [{"role": "user", "content": "What is six times seven?"},
+     {"role": "assistant", "content": ANSWER},
+     {"role": "user", "content": "Thanks!"},
+     {"role": "assistant", "content": "You are welcome."}],
+]
+# BOS tokens of families whose models were trained with a BOS at the start of every
+# sequence; a missing one silently degrades them.
+KNOWN_BOS = ("<|begin_of_text|>", "<s>", "<bos>")
+# Relative threshold for untrained rows: a trained row's norm is within an order of
+# magnitude of the median (SmolLM2-135M: min/median = 0.57); the never-trained rows of
+# Llama 3 base are ~0. 1% of the median separates them with room on both sides, and does
+# not depend on the dtype or scale of a checkpoint the way an absolute epsilon would.
+UNTRAINED_REL = 0.01
+
+
+def render(template: str, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """Render with Hugging Face's chat-template machinery (a sandboxed Jinja environment)."""
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+@dataclass
+class Rendered:
+    conversation: list[dict]
+    text: str              # the whole conversation
+    prompt: str            # the first user turn with the generation prompt
+
+
+@dataclass
+class Untrained:
+    ids: list[int]
+    matrix: str
+    kind: str              # "zero" or "identical"
+    median_norm: float
+
+
+class Probe:
+    def __init__(self, subject: Subject):
+        self.s = subject
+
+    # ---------------------------------------------------------------- template side
+    @functools.cached_property
+    def rendered(self) -> Rendered | None:
+        s = self.s
+        if not s.template or s.tokenizer is None:
+            return None
+        last_error: Exception | None = None
+        for conv in CONVERSATIONS:
+            try:
+                text = render(s.template, s.tokenizer, conv, add_generation_prompt=False)
+                prompt = render(s.template, s.tokenizer, conv[:-3] if conv[0]["role"] == "system"
+                                else conv[:1], add_generation_prompt=True)
+                return Rendered(conv, text, prompt)
+            except Exception as e:  # a template may raise_exception() on a role it refuses
+                last_error = e
+        self.render_error = last_error
+        return None
+
+    @functools.cached_property
+    def bos(self) -> tuple[str | None, int | None]:
+        tok = self.s.tokenizer
+        if tok is None or tok.bos_token is None:
+            return None, None
+        return tok.bos_token, tok.bos_token_id
+
+    @functools.cached_property
+    def tokenizer_adds_bos(self) -> bool:
+        """Measured by tokenising, never read from ``add_bos_token`` (unreliable, design.md)."""
+        tok = self.s.tokenizer
+        _, bos_id = self.bos
+        if tok is None or bos_id is None:
+            return False
+        ids = tok("a", add_special_tokens=True)["input_ids"]
+        return bool(ids) and ids[0] == bos_id
+
+    def count_leading_bos(self, ids: list[int]) -> int:
+        _, bos_id = self.bos
+        n = 0
+        while n < len(ids) and ids[n] == bos_id:
+            n += 1
+        return n
+
+    @functools.cached_property
+    def end_of_turn(self) -> tuple[int, str] | None:
+        """The special token that closes an assistant turn in the rendered template."""
+        r, tok = self.rendered, self.s.tokenizer
+        if r is None or ANSWER not in r.text:
+            return None
+        rest = r.text.split(ANSWER, 1)[1]
+        ids = tok(rest, add_special_tokens=False)["input_ids"]
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        for i in ids[:4]:  # the closing token may follow a space or newline
+            if i in special:
+                return i, tok.convert_ids_to_tokens(i)
+            if tok.decode([i]).strip():
+                return None
+        return None
+
+    @functools.cached_property
+    def template_ids(self) -> set[int]:
+        r, tok = self.rendered, self.s.tokenizer
+        if r is None:
+            return set()
+        return set(tok(r.text + r.prompt, add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def data_ids(self) -> set[int]:
+        tok = self.s.tokenizer
+        if tok is None or not self.s.data_texts:
+            return set()
+        ids: set[int] = set()
+        for text in self.s.data_texts:
+            ids.update(tok(text, add_special_tokens=False)["input_ids"])
+        return ids
+
+    # ---------------------------------------------------------------- weight side
+    @functools.cached_property
+    def untrained(self) -> list[Untrained]:
+        found = []
+        for m in self.s.matrices():
+            found += untrained_rows(m)
+        return found
+
+    @functools.cached_property
+    def untrained_ids(self) -> set[int]:
+        return {i for u in self.untrained for i in u.ids}
+
+
+def row_norms(m: RowMatrix):
+    import torch
+
+    return torch.cat([block.norm(dim=1) for _, block in m.blocks()])
+
+
+def untrained_rows(m: RowMatrix) -> list[Untrained]:
+    """Rows never trained: near-zero relative to the median norm, or identical to each other.
+
+    Identical rows (Llama 3.1's lm_head) are found without hashing every row: each row is
+    projected on a fixed random vector in float64; only rows sharing a projection value
+    are compared exactly. Rows that hold the mean of the trained rows (the doctor's own
+    fix) are not reported again.
+    """
+    import torch
+
+    norms = row_norms(m)
+    median = float(norms.median())
+    zero = torch.nonzero(norms <= UNTRAINED_REL * median).flatten().tolist()
+    identical = _identical_rows(m, set(zero))
+    candidates = set(zero) | set(identical)
+    if not candidates:
+        return []
+    mean = _mean_excluding(m, candidates)
+    # bf16 storage rounds the mean by up to 2^-8 per element: 1% of its norm covers it,
+    # and a zero row is 100% of the mean's norm away, so the two never mix up.
+    tol = 0.01 * float(mean.norm()) + 1e-12
+    fixed = {i for i in candidates if float((m.rows(i, i + 1)[0] - mean).norm()) <= tol}
+    out = []
+    zero = [i for i in zero if i not in fixed]
+    identical = [i for i in identical if i not in fixed]
+    if zero:
+        out.append(Untrained(zero, m.name, "zero", median))
+    if identical:
+        out.append(Untrained(identical, m.name, "identical", median))
+    return out
+
+
+def _identical_rows(m: RowMatrix, skip: set[int]) -> list[int]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(m.shape[1], generator=gen, dtype=torch.float64)
+    proj = torch.cat([block.double() @ r for _, block in m.blocks()])  # (rows,)
+    _, inverse, counts = torch.unique(proj, return_inverse=True, return_counts=True)
+    identical: list[int] = []
+    for group in torch.nonzero(counts > 1).flatten().tolist():
+        ids = [i for i in torch.nonzero(inverse == group).flatten().tolist() if i not in skip]
+        if len(ids) < 2:
+            continue
+        first = m.rows(ids[0], ids[0] + 1)
+        same = [i for i in ids if torch.equal(m.rows(i, i + 1), first)]
+        if len(same) > 1:
+            identical += same
+    return sorted(identical)
+
+
+def _mean_excluding(m: RowMatrix, skip: set[int]):
+    import torch
+
+    total = torch.zeros(m.shape[1], dtype=torch.float64)
+    count = 0
+    for start, block in m.blocks():
+        keep = [i for i in range(block.shape[0]) if start + i not in skip]
+        total += block[keep].double().sum(dim=0)
+        count += len(keep)
+    return (total / max(count, 1)).float()
+
+
+def token_names(tokenizer, ids: list[int] | set[int], limit: int = 12) -> list[str]:
+    if tokenizer is None:
+        return []
+    ids = sorted(ids)[:limit]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def special_names_among(tokenizer, ids: set[int], limit: int = 12) -> list[str]:
+    """The named special tokens among ``ids`` (the ones users recognise)."""
+    if tokenizer is None:
+        return []
+    special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    names = [special[i] for i in sorted(ids) if i in special]
+    # Named ones first (<|eot_id|>) before the long tail of reserved tokens.
+    names.sort(key=lambda n: ("reserved" in n, n))
+    return names[:limit]
+
+
+def as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)

@@ -1,0 +1,58 @@
+"""``tunefix doctor --fix OUT_DIR``: a repaired copy on disk. The input is only read."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tunefix._io import atomic_dir
+from tunefix.doctor.report import Report
+from tunefix.errors import TunefixError
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise TunefixError(f"{out_dir} already exists and is not empty",
+                               "Choose a new output directory; tunefix never overwrites")
+        if not force:
+            raise TunefixError(f"{out_dir} already exists", "Pass --force to write into an empty directory")
+
+
+def load_for_fix(path: Path):
+    """The whole model and tokenizer, in the checkpoint's own dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.suffix == ".gguf":
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model: rebuild and copy.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # dequantised: plain tensors now
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=False)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return model, tok
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model, tok
+
+
+def write_fixed(model_path: str, out_dir: str, report: Report, force: bool = False) -> list[str]:
+    from tunefix.doctor.fixes import apply_fixes
+
+    out = Path(out_dir).expanduser()
+    check_out_dir(out, force)
+    subject = report.subject  # type: ignore[attr-defined]
+    src = subject.path
+    model, tok = load_for_fix(src)
+    lines = apply_fixes(model, tok, report, template=subject.template, data_texts=subject.data_texts)
+    if out.exists():  # empty and --force: atomic_dir needs the final name free
+        out.rmdir()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        if src.is_dir() and (src / "tokenizer.model").exists():
+            shutil.copy2(src / "tokenizer.model", tmp / "tokenizer.model")
+    return lines

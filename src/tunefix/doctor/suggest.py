@@ -1,0 +1,41 @@
+"""Which chat templates suit a model without one: never an instruct template whose
+special tokens are missing or untrained in this model."""
+
+from __future__ import annotations
+
+from tunefix.doctor.probe import Probe
+
+# Fallback when the template registry is not importable: (name, special tokens it writes).
+_KNOWN = [
+    ("llama-3", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    ("chatml", ["<|im_start|>", "<|im_end|>"]),
+    ("qwen-2.5", ["<|im_start|>", "<|im_end|>"]),
+    ("phi-3", ["<|user|>", "<|assistant|>", "<|end|>"]),
+    ("gemma", ["<start_of_turn>", "<end_of_turn>"]),
+    ("mistral", []),  # [INST] is plain text in the Llama 2 vocabulary
+    ("alpaca", []),
+    ("vicuna", []),
+    ("zephyr", []),
+]
+
+
+def _registry() -> list[tuple[str, list[str]]]:
+    try:
+        from tunefix.templates import registry_special_tokens
+    except ImportError:
+        return _KNOWN
+    return registry_special_tokens()
+
+
+def suggest_templates(p: Probe) -> list[str]:
+    tok = p.s.tokenizer
+    if tok is None:
+        return []
+    vocab = tok.get_vocab()
+    untrained = p.untrained_ids
+    out = []
+    for name, specials in _registry():
+        ids = [vocab.get(t) for t in specials]
+        if all(i is not None and i not in untrained for i in ids):
+            out.append(name)
+    return out
