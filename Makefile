@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tunefix-installed
 
-.PHONY: setup demo test lint assets clean
+.PHONY: setup demo test lint assets clean go
 
 setup: $(STAMP)
 
@@ -24,7 +24,14 @@ demo: setup
 assets: setup
 	$(VENV)/bin/tunefix assets fetch
 
-test: setup assets
+# Go's text/template renders Ollama templates in the Jinja == Ollama checks (Debian: golang-go).
+go:
+	@command -v go >/dev/null 2>&1 || test -x /usr/lib/go-1.19/bin/go || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && apt-get install -y -qq golang-go) ; } || \
+	  echo "warning: no Go toolchain; install golang-go for the template checks"
+
+test: setup assets go
 	$(PY) -m pytest -q
 
 lint: setup

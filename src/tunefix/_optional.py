@@ -34,7 +34,8 @@ def go_binary() -> str | None:
     found = shutil.which("go")
     if found:
         return found
-    for candidate in ("/usr/lib/go/bin/go", "/usr/local/go/bin/go"):
+    # Debian's golang-go puts the toolchain under /usr/lib/go-1.19 with a /usr/bin/go link.
+    for candidate in ("/usr/lib/go/bin/go", "/usr/lib/go-1.19/bin/go", "/usr/local/go/bin/go"):
         if shutil.which(candidate):
             return candidate
     return None

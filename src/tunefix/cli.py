@@ -60,6 +60,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_data_preview(args: argparse.Namespace) -> int:
+    from tunefix.data.preview import run_preview
+
+    return run_preview(args)
+
+
+def _cmd_templates(args: argparse.Namespace) -> int:
+    from tunefix.data.preview import run_templates
+
+    return run_templates(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tunefix", description="Fine-tune open LLMs with their silent bugs found and "
                 "fixed; export them to llama.cpp and Ollama unchanged.")
@@ -80,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="model to use instead of the built-in SmolLM2-135M-Instruct")
     demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     demo.set_defaults(handler=_cmd_demo)
+
+    data_p = sub.add_parser("data", help="look at training data as the model will see it")
+    dsub = data_p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    dp = dsub.add_parser("preview", help="rendered rows with the trained part marked, token counts")
+    dp.add_argument("file", help="CSV, TSV, JSON, JSONL, Parquet, save_to_disk directory or cached hub dataset")
+    dp.add_argument("--merge", help='input template over columns, e.g. "{sex}, {age}[[, deck {deck}]]"')
+    dp.add_argument("--output", help="the answer: a column name or a template such as {alive}")
+    dp.add_argument("--template", help="chat template: a registry name or a file (default: the model's own)")
+    dp.add_argument("--model", help="model or tokenizer directory (default: the built-in SmolLM2)")
+    dp.add_argument("--rows", type=int, default=3, help="rows to show (default: 3)")
+    dp.add_argument("--format", help="openai, sharegpt, alpaca, prompt-completion, text or table (default: detect)")
+    dp.add_argument("--system", help="system prompt added to every conversation")
+    dp.add_argument("--turns", type=int, default=1, help="join N random rows into one conversation")
+    dp.add_argument("--max-seq-length", type=int, default=2048, help="truncate rows to this many tokens")
+    dp.set_defaults(handler=_cmd_data_preview)
+
+    tp = sub.add_parser("templates", help="list chat templates, or show one in Jinja and Ollama form")
+    tp.add_argument("name", nargs="?", help="a registry name or a template file")
+    tp.set_defaults(handler=_cmd_templates)
 
     assets_p = sub.add_parser("assets", help="real test and demo assets from PyPI packages")
     asub = assets_p.add_subparsers(dest="assets_command", metavar="ACTION", parser_class=_Parser)

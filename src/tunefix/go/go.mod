@@ -1,0 +1,3 @@
+module tunefix/ollamarender
+
+go 1.19

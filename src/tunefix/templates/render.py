@@ -1,0 +1,75 @@
+"""Render a Jinja chat template exactly as Hugging Face's ``apply_chat_template`` does.
+
+Written by hand (not a call into transformers) so that rendering needs neither torch nor a
+tokenizer, and so that the environment is ours to audit: chat templates come from model
+repositories and are untrusted code, hence the immutable sandbox. The settings mirror
+Hugging Face's (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, a ``tojson`` that does
+not escape HTML, ``raise_exception`` and ``strftime_now``); a test checks byte equality with
+``tokenizer.apply_chat_template(..., tokenize=False)`` on real tokenizers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from tunefix.errors import TunefixError
+
+Message = Mapping[str, Any]
+
+
+def _raise_exception(message: str) -> None:
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes <, >, & for HTML, which would change prompts.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=64)
+def compile_jinja(source: str):
+    """Compile once per template text; a syntax error becomes a TunefixError."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise TunefixError(f"chat template has a Jinja syntax error on line {e.lineno}: {e.message}",
+                           "Fix the template or choose a registry one with --template") from e
+
+
+def render_jinja(source: str, messages: Sequence[Message], *, add_generation_prompt: bool = False,
+                 **variables: Any) -> str:
+    """Render ``messages`` with the Jinja template ``source``.
+
+    ``variables`` are what Hugging Face passes besides the messages: the tokenizer's special
+    tokens (``bos_token``, ``eos_token``, ...) and any extra keyword (``date_string``, ...).
+    """
+    import jinja2
+
+    template = compile_jinja(source)
+    try:
+        return template.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise TunefixError(f"chat template refused the conversation: {e}",
+                           "Check the roles and their order, or choose another --template") from e

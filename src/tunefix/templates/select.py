@@ -1,0 +1,172 @@
+"""Choosing a template: by name, from a file, or from a tokenizer's own chat template."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tunefix.errors import TunefixError
+from tunefix.templates.custom import from_example
+from tunefix.templates.probes import PROBES, wants_generation_prompt
+from tunefix.templates.record import EOS, ChatTemplate
+from tunefix.templates.registry import REGISTRY
+from tunefix.templates.render import Message
+
+log = logging.getLogger(__name__)
+
+
+def get_template(name_or_file: str) -> ChatTemplate:
+    """A registry template by name, or one read from a file.
+
+    A file holding ``{INPUT}`` is an example conversation (see ``custom``); any other file is
+    a Jinja chat template whose end-of-turn token is found once a tokenizer is known.
+    """
+    if name_or_file in REGISTRY:
+        return REGISTRY[name_or_file]
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise TunefixError(f"unknown chat template {name_or_file!r} (not a registry name, not a file)",
+                           f"Choose one of {', '.join(REGISTRY)}, or give a file; `tunefix templates` lists them")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TunefixError(f"{path}: not UTF-8 text (byte {e.start})", "Save the template as UTF-8") from e
+    if "{INPUT}" in text or "{OUTPUT}" in text:
+        return from_example(text, name=path.stem)
+    return ChatTemplate(path.stem, text, None, "", (), None, "bos_token" in text, f"Jinja from {path}")
+
+
+def _specials(tokenizer: Any) -> dict[str, str]:
+    return {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+
+
+def render_for(tokenizer: Any, template: ChatTemplate, messages: Sequence[Message], *,
+               add_generation_prompt: bool = False) -> str:
+    """The text the model sees: ``template`` rendered with ``tokenizer``'s special tokens."""
+    specials = _specials(tokenizer)
+    specials.setdefault("bos_token", "")
+    specials.setdefault("eos_token", "")
+    return template.render(messages, add_generation_prompt=add_generation_prompt, **specials)
+
+
+def _infer_eot(tokenizer: Any, jinja: str) -> str:
+    """The special token that a Jinja template writes right after an assistant's content."""
+    mark = "\ue000tunefix-answer\ue001"
+    probe = ChatTemplate("probe", jinja, None, "", ())
+    text = render_for(tokenizer, probe, [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": mark}])
+    after = text[text.index(mark) + len(mark):].lstrip(" ")
+    specials = sorted((t for t in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()) if t),
+                      key=len, reverse=True)
+    for token in specials:
+        if after.startswith(token):
+            return token
+    raise TunefixError(f"the chat template writes no special token after an assistant's answer "
+                       f"(it writes {after[:20]!r}): the model would never learn to stop",
+                       "Choose a template with --template (`tunefix templates` lists them)")
+
+
+def _same_renders(a: ChatTemplate, b: ChatTemplate, tokenizer: Any, with_system: bool = True) -> bool:
+    """True when ``a`` and ``b`` render every probe alike (BOS aside: ``b`` may leave it out)."""
+    bos = tokenizer.bos_token or ""
+    for msgs in PROBES:
+        if not with_system and msgs[0]["role"] == "system":
+            continue
+        try:
+            x = render_for(tokenizer, a, msgs, add_generation_prompt=wants_generation_prompt(msgs))
+            y = render_for(tokenizer, b, msgs, add_generation_prompt=wants_generation_prompt(msgs))
+        except TunefixError:
+            return False
+        if a.bos and not b.bos and bos:
+            x = x.removeprefix(bos)
+        if x != y:
+            return False
+    return True
+
+
+_SYS, _IN, _OUT = ({"role": r, "content": c} for r, c in
+                   (("system", "{SYSTEM}"), ("user", "{INPUT}"), ("assistant", "{OUTPUT}")))
+
+
+def _implicit_system(tokenizer: Any, own: ChatTemplate, derived: ChatTemplate) -> str:
+    """The system prompt ``own`` writes when a conversation has none ("" if none)."""
+    mark, user = "\ue000", [{"role": "user", "content": "\ue001"}]
+    bos = (tokenizer.bos_token or "") if own.bos else ""
+    # With the generation prompt: derived templates close a user turn only when one follows.
+    plain = render_for(tokenizer, own, user, add_generation_prompt=True).removeprefix(bos)
+    marked = render_for(tokenizer, derived, [{"role": "system", "content": mark}] + user,
+                        add_generation_prompt=True)
+    before, _, after = marked.partition(mark)
+    if plain == render_for(tokenizer, derived, user, add_generation_prompt=True) or not (plain.startswith(before) and plain.endswith(after)):
+        return ""
+    return plain[len(before): len(plain) - len(after)]
+
+
+def _derive_ollama(tokenizer: Any, own: ChatTemplate) -> str | None:
+    """An Ollama template equivalent to ``own``, derived through an example, or None.
+
+    Renders ``own`` on an example conversation with ``{SYSTEM}``/``{INPUT}``/``{OUTPUT}`` and
+    builds a custom template from it; kept only if it renders the probes as ``own`` does.
+    """
+    bos = (tokenizer.bos_token or "") if own.bos else ""
+    eos = tokenizer.eos_token or ""
+    for msgs in ([_SYS, _IN, _OUT, _IN, _OUT], [_IN, _OUT, _IN, _OUT]):
+        try:
+            example = render_for(tokenizer, own, msgs).removeprefix(bos)
+            derived = from_example(example).bind(eos)
+            default = _implicit_system(tokenizer, own, derived) if msgs[0] is _SYS else ""
+            if default:
+                derived = from_example(example, default_system=default).bind(eos)
+        except TunefixError:
+            continue
+        if _same_renders(own, derived, tokenizer, with_system=msgs[0] is _SYS):
+            if msgs[0] is not _SYS:
+                log.warning("the model's own chat template has no system slot: system prompts are refused")
+            return derived.ollama
+    log.info("no Ollama template could be derived from the model's own chat template")
+    return None
+
+
+def from_tokenizer(tokenizer: Any) -> ChatTemplate:
+    """The tokenizer's own chat template as a ``ChatTemplate`` (a registry one when identical)."""
+    jinja = getattr(tokenizer, "chat_template", None)
+    if not isinstance(jinja, str) or not jinja:
+        raise TunefixError("the model has no chat template of its own",
+                           f"Choose one with --template: {', '.join(REGISTRY)}")
+    own = ChatTemplate("model's own", jinja, None, _infer_eot(tokenizer, jinja), (), None,
+                       "bos_token" in jinja, "the model's own chat template")
+    for reg in REGISTRY.values():
+        bound = reg.bind(tokenizer.eos_token or "")
+        if _same_renders(own, bound, tokenizer):
+            return dataclasses.replace(bound, jinja=jinja, description=f"the model's own ({reg.name})")
+    stop = tuple(dict.fromkeys([own.eot, tokenizer.eos_token or own.eot]))
+    return dataclasses.replace(own, ollama=_derive_ollama(tokenizer, own), stop=stop)
+
+
+def template_for(tokenizer: Any, name_or_file: str | None = None) -> ChatTemplate:
+    """The template to train and serve with, bound to ``tokenizer``'s EOS.
+
+    ``name_or_file`` when given, else the model's own template.
+    """
+    if name_or_file is None:
+        return from_tokenizer(tokenizer)
+    template = get_template(name_or_file)
+    if not template.eot:  # a bare Jinja file
+        eot = _infer_eot(tokenizer, template.jinja)
+        template = dataclasses.replace(template, eot=eot, stop=(eot,))
+    return template.bind(tokenizer.eos_token or "")
+
+
+def end_of_turn(template: ChatTemplate, tokenizer: Any) -> str:
+    """The token that closes every assistant turn (trained, and a stop token at inference)."""
+    return template.bind(tokenizer.eos_token or "").eot
+
+
+def stop_tokens(template: ChatTemplate, tokenizer: Any) -> list[str]:
+    """Stop strings for Ollama / llama.cpp: the template's, then the tokenizer's EOS."""
+    bound = template.bind(tokenizer.eos_token or "")
+    extra = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return list(dict.fromkeys([s for s in bound.stop if EOS not in s] + extra))
