@@ -45,8 +45,10 @@ def nonfinite_weights(p: Probe) -> Finding | None:
     import torch
 
     bad: dict[str, int] = {}
+    from tunefix.doctor.probe import matrix_stats
+
     for m in p.s.matrices():
-        n = sum(int((~torch.isfinite(block)).any(dim=1).sum()) for _, block in m.blocks())
+        n = matrix_stats(m).nonfinite_rows
         if n:
             bad[m.name] = n
     for name, load in p.s.norms:

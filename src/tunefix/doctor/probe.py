@@ -148,10 +148,52 @@ class Probe:
         return {i for u in self.untrained for i in u.ids}
 
 
-def row_norms(m: RowMatrix):
+@dataclass
+class MatrixStats:
+    """Everything the checks need from one matrix, read in a single pass."""
+
+    norms: Any          # (rows,) fp32
+    proj: Any           # (rows,) int64: bits of each row's projection on two random vectors
+    row_sum: Any        # (dim,) fp64, over the finite rows
+    nonfinite_rows: int
+
+
+def matrix_stats(m: RowMatrix) -> MatrixStats:
+    """One pass over ``m``: norms, projections, the row sum and the NaN/Inf row count.
+
+    Everything stays in fp32 inside a block (fp64 conversion of a 2 GB matrix cost more
+    than the rest together); only the per-block sums are accumulated in fp64. A row holding
+    NaN or Inf has a non-finite norm, so no separate isfinite pass is needed.
+    """
     import torch
 
-    return torch.cat([block.norm(dim=1) for _, block in m.blocks()])
+    cached = getattr(m, "_tunefix_stats", None)
+    if cached is not None:
+        return cached
+    gen = torch.Generator().manual_seed(0)
+    # Two fp32 projections per row, their bit patterns read as one int64 key: with 128k
+    # rows a single fp32 projection collides by chance hundreds of times (birthday bound
+    # over 2^24 mantissas), the pair practically never; fp64 costs a 2x conversion pass.
+    r = torch.randn(m.shape[1], 2, generator=gen)  # (dim, 2) fp32
+    norms, proj = [], []
+    row_sum = torch.zeros(m.shape[1], dtype=torch.float64)
+    nonfinite = 0
+    for _, block in m.blocks():  # block: (rows, dim) fp32
+        n = block.norm(dim=1)  # (rows,)
+        norms.append(n)
+        proj.append((block @ r).contiguous().view(torch.int64).flatten())  # (rows,) int64 keys
+        bad = ~torch.isfinite(n)
+        if bad.any():
+            nonfinite += int(bad.sum())
+            block = block[~bad]
+        row_sum += block.sum(dim=0).double()
+    stats = MatrixStats(torch.cat(norms), torch.cat(proj), row_sum, nonfinite)
+    m._tunefix_stats = stats  # type: ignore[attr-defined]
+    return stats
+
+
+def row_norms(m: RowMatrix):
+    return matrix_stats(m).norms
 
 
 def untrained_rows(m: RowMatrix) -> list[Untrained]:
@@ -189,32 +231,33 @@ def untrained_rows(m: RowMatrix) -> list[Untrained]:
 def _identical_rows(m: RowMatrix, skip: set[int]) -> list[int]:
     import torch
 
-    gen = torch.Generator().manual_seed(0)
-    r = torch.randn(m.shape[1], generator=gen, dtype=torch.float64)
-    proj = torch.cat([block.double() @ r for _, block in m.blocks()])  # (rows,)
-    _, inverse, counts = torch.unique(proj, return_inverse=True, return_counts=True)
+    # Identical rows give identical projections; equal projections are only candidates,
+    # confirmed by comparing the rows themselves.
+    keys = matrix_stats(m).proj
+    order = torch.argsort(keys)
+    sorted_keys = keys[order]
+    same_as_next = sorted_keys[1:] == sorted_keys[:-1]  # (rows-1,)
     identical: list[int] = []
-    for group in torch.nonzero(counts > 1).flatten().tolist():
-        ids = [i for i in torch.nonzero(inverse == group).flatten().tolist() if i not in skip]
-        if len(ids) < 2:
+    for pos in torch.nonzero(same_as_next).flatten().tolist():
+        a, b = int(order[pos]), int(order[pos + 1])
+        if a in skip or b in skip:
             continue
-        first = m.rows(ids[0], ids[0] + 1)
-        same = [i for i in ids if torch.equal(m.rows(i, i + 1), first)]
-        if len(same) > 1:
-            identical += same
-    return sorted(identical)
+        if torch.equal(m.rows(a, a + 1), m.rows(b, b + 1)):
+            identical += [a, b]
+    return sorted(set(identical))
 
 
 def _mean_excluding(m: RowMatrix, skip: set[int]):
+    """Mean of the rows not in ``skip``: the one-pass row sum minus the skipped rows."""
     import torch
 
-    total = torch.zeros(m.shape[1], dtype=torch.float64)
-    count = 0
-    for start, block in m.blocks():
-        keep = [i for i in range(block.shape[0]) if start + i not in skip]
-        total += block[keep].double().sum(dim=0)
-        count += len(keep)
-    return (total / max(count, 1)).float()
+    stats = matrix_stats(m)
+    total = stats.row_sum.clone()
+    for i in skip:
+        row = m.rows(i, i + 1)[0].double()
+        if torch.isfinite(row).all():
+            total -= row
+    return (total / max(m.shape[0] - len(skip), 1)).float()
 
 
 def token_names(tokenizer, ids: list[int] | set[int], limit: int = 12) -> list[str]:

@@ -34,17 +34,57 @@ class RowMatrix:
             yield start, self.rows(start, min(start + size, self.shape[0]))
 
 
-class _SafetensorsRows(RowMatrix):
-    def __init__(self, file: Path, key: str):
-        from safetensors import safe_open
+_ST_DTYPES = {"BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4)}
 
-        self.name, self._file, self._key = key, file, key
-        self._handle = safe_open(str(file), framework="pt")
-        rows, dim = self._handle.get_slice(key).get_shape()
-        self.shape = (int(rows), int(dim))
+
+class _SafetensorsRows(RowMatrix):
+    """Rows read with plain file reads at the tensor's offset in a safetensors file.
+
+    Not through safetensors' memory map: mapped pages count in the process's RSS, so an
+    audit of an 8B checkpoint would show its 2 GB of embeddings as resident. The format
+    (8-byte header length, JSON header, raw data) is simple enough to read directly.
+    """
+
+    def __init__(self, file: Path, key: str, header: dict, data_start: int):
+        entry = header[key]
+        if entry["dtype"] not in _ST_DTYPES or len(entry["shape"]) != 2:
+            raise TunefixError(f"{file.name}: {key} has dtype {entry['dtype']} and shape {entry['shape']}",
+                               "tunefix reads bf16, f16 and f32 embeddings")
+        self.name, self._file = key, file
+        self.shape = (int(entry["shape"][0]), int(entry["shape"][1]))
+        self._dtype, self._itemsize = _ST_DTYPES[entry["dtype"]]
+        self._begin = data_start + int(entry["data_offsets"][0])
+        end = data_start + int(entry["data_offsets"][1])
+        if file.stat().st_size < end:
+            raise TunefixError(f"{file} is truncated: {key} ends at byte {end}, the file has "
+                               f"{file.stat().st_size}", "Download or save the checkpoint again")
 
     def rows(self, start: int, stop: int):
-        return self._handle.get_slice(self._key)[start:stop].float()
+        import torch
+
+        row_bytes = self.shape[1] * self._itemsize
+        buf = bytearray((stop - start) * row_bytes)
+        with open(self._file, "rb") as f:
+            f.seek(self._begin + start * row_bytes)
+            if f.readinto(buf) != len(buf):
+                raise TunefixError(f"{self._file} is truncated", "Download or save the checkpoint again")
+        t = torch.frombuffer(buf, dtype=getattr(torch, self._dtype))
+        return t.reshape(stop - start, self.shape[1]).float()
+
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise TunefixError(f"{file} is not a readable safetensors file ({e})",
+                           "The file is truncated or corrupt: download or save it again") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
 
 
 class _GGUFRows(RowMatrix):
@@ -79,8 +119,11 @@ def _safetensors_loader(file: Path, key: str) -> Callable[[], Any]:
     def load():
         from safetensors import safe_open
 
-        with safe_open(str(file), framework="pt") as h:
-            return h.get_tensor(key).float()
+        try:
+            with safe_open(str(file), framework="pt") as h:
+                return h.get_tensor(key).float()
+        except Exception as e:  # safetensors' own error types for a bad file
+            raise TunefixError(f"{file}: cannot read {key} ({e})", "The file is truncated or corrupt") from None
 
     return load
 
@@ -151,27 +194,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise TunefixError(f"{path} is not readable JSON ({e.__class__.__name__}: {e})") from None
 
 
-def _weight_index(directory: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the index or by opening each file's header."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return {k: directory / v for k, v in _read_json(index)["weight_map"].items()}
+def _weight_index(directory: Path) -> dict[str, tuple[Path, dict, int]]:
+    """Tensor name -> (safetensors file, its header, its data offset); headers only."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
         hint = ("It has pickle weights only; convert them to safetensors first"
                 if pickles else "Pass the directory that holds the model's *.safetensors files")
         raise TunefixError(f"{directory} holds no safetensors weights", hint)
-    from safetensors import safe_open
-
-    out: dict[str, Path] = {}
+    out: dict[str, tuple[Path, dict, int]] = {}
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                out.update({k: f for k in h.keys()})
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise TunefixError(f"{f} is not a readable safetensors file ({e})",
-                               "The file is truncated or corrupt: download or save it again") from None
+        header, start = read_safetensors_header(f)
+        out.update({k: (f, header, start) for k in header})
     return out
 
 
@@ -216,9 +250,9 @@ def load_hf_dir(directory: Path) -> Subject:
         raise TunefixError(f"{directory}: no input embedding tensor among the weights",
                            "Is this a causal language model?")
     try:
-        embed = _SafetensorsRows(index[embed_key], embed_key)
-        lm_head = _SafetensorsRows(index[head_key], head_key) if head_key else None
-        norms = [(k, _safetensors_loader(index[k], k)) for k in index
+        embed = _SafetensorsRows(index[embed_key][0], embed_key, *index[embed_key][1:])
+        lm_head = _SafetensorsRows(index[head_key][0], head_key, *index[head_key][1:]) if head_key else None
+        norms = [(k, _safetensors_loader(index[k][0], k)) for k in index
                  if "norm" in k and k.endswith(".weight")]
     except TunefixError:
         raise
