@@ -139,9 +139,40 @@ def test_rebuilt_sentencepiece_model_matches(name):
     # tokenizer.model holds the base pieces; added tokens (Phi-3's) live in tokenizer.json.
     assert sp.get_piece_size() <= len(tok)
     assert [sp.id_to_piece(i) for i in range(sp.get_piece_size())] == tok.convert_ids_to_tokens(list(range(sp.get_piece_size())))
-    # Leading spaces are where the two disagree (design.md); the rest must match.
-    for text in ["Hello world", "你好 🙂 12345", "x\n\ny", MULTILINGUAL]:
+    # Leading and repeated spaces included: SentencePiece's dummy prefix goes in front of
+    # text that already starts with a space (" a" is "▁", "▁a").
+    for text in SPM_TEXTS:
         assert sp.encode(text) == tok(text, add_special_tokens=False)["input_ids"], text
+
+
+# Texts where SentencePiece tokenizers are easy to get wrong: the dummy prefix with leading
+# spaces, whitespace runs, newlines, byte fallback, and (in SPM_SPECIAL) text right after
+# special tokens, where llama.cpp puts the dummy prefix again.
+SPM_TEXTS = ["Hello world", " leading space", "  two leading spaces", " ", "double  space ",
+             "\nnew line first", "x\n\ny", "tabs\tand\n new lines\n\n", "你好 🙂 12345", "digits 3.14159 -42",
+             MULTILINGUAL]
+SPM_SPECIAL = ["<s>Hello", "<s> Hello", "<s>\nHello", "Hello</s>World", "before</s> after </s>",
+               "<s>[INST] Hi [/INST]"]
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "phi-3"])
+def test_sentencepiece_tokenizers_match_llama_cpp(name):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.tokenizer(name))
+    llm = Llama(model_path=str(assets.vocab_gguf(name)), vocab_only=True, verbose=False)
+    # Not Phi-3's special-token texts: llama.cpp strips the whitespace after Phi-3's
+    # special tokens when general.name says Phi-3 (this vocab's does; see export/gguf_arch.py),
+    # which this tokenizer.json does not do.
+    texts = SPM_TEXTS + (SPM_SPECIAL if name == "llama-spm" else [])
+    try:
+        for text in texts:
+            ours = tok(text, add_special_tokens=False)["input_ids"]
+            assert ours == llm.tokenize(text.encode(), add_bos=False, special=True), text
+        assert tok("a")["input_ids"] == llm.tokenize(b"a", add_bos=True, special=True)  # one <s>
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("family", list(tiny.FAMILIES))

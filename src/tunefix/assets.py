@@ -248,7 +248,7 @@ def tokenizer(name: str) -> Path:
     from tunefix.assets_build import build_tokenizer
 
     gguf = vocab_gguf(name)
-    return cached_dir(f"tokenizer-{name}", lambda tmp: build_tokenizer(name, gguf, tmp), version="3")
+    return cached_dir(f"tokenizer-{name}", lambda tmp: build_tokenizer(name, gguf, tmp), version="4")
 
 
 # gemma-4 is pinned but not built: transformers 5.24 cannot read its GGUF config

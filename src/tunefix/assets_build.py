@@ -99,6 +99,26 @@ def _drop_added_tokens_beyond(out: Path, n_vocab: int) -> None:
     tc.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+def _sentencepiece_whitespace(tok) -> None:
+    """Give a fast tokenizer SentencePiece's own whitespace handling (add_dummy_prefix).
+
+    SentencePiece, and llama.cpp's SPM tokenizer with ``add_space_prefix`` (its default),
+    put one "▁" in front of every piece of text it encodes, even one that already starts
+    with a space, and llama.cpp does so again after each special token: " a" is "▁", "▁a"
+    and "<s>a" is "<s>", "▁a". transformers' GGUF reader writes a Metaspace pre-tokenizer
+    with prepend_scheme "first" (its legacy=False behaviour) instead: no prefix after
+    special tokens, and none before text that starts with a space. Measured on the
+    llama-spm vocab: 17 of 31 tricky strings differed from llama.cpp. The normalizer of
+    transformers' legacy Llama converter (Prepend, then spaces to "▁"; no pre-tokenizer),
+    which real Llama 2 and Mistral v0.1 tokenizer.json files carry, matches both.
+    """
+    from tokenizers import normalizers
+
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+
+
 def build_tokenizer(name: str, gguf_path: Path, out: Path) -> None:
     """A Hugging Face tokenizer directory from a vocab GGUF, with the family's real BOS policy."""
     from transformers import AutoTokenizer
@@ -110,6 +130,8 @@ def build_tokenizer(name: str, gguf_path: Path, out: Path) -> None:
     if not want_bos and name == "qwen2":
         # Qwen2's real tokenizer has no BOS token at all (bos_token: null).
         tok.bos_token = None
+    if name in _SENTENCEPIECE:
+        _sentencepiece_whitespace(tok)
     tok.save_pretrained(str(out))
     vocab = read_gguf_vocab(gguf_path)
     _drop_added_tokens_beyond(out, len(vocab["tokens"]))

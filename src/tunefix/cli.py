@@ -60,6 +60,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tunefix.train.cli import run_train
+
+    return run_train(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tunefix.train.cli import run_eval
+
+    return run_eval(args)
+
+
 def _cmd_data_preview(args: argparse.Namespace) -> int:
     from tunefix.data.preview import run_preview
 
@@ -93,6 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     demo.set_defaults(handler=_cmd_demo)
 
+    tr = sub.add_parser("train", help="fine-tune with LoRA (or continued pretraining) from a YAML config",
+                        description="Train from CONFIG (YAML) with key=value or --key value overrides, "
+                        "e.g. `tunefix train run.yaml lora_r=32 --max-steps 60`. Keys: see examples/*.yaml "
+                        "and the RunConfig fields in tunefix/train/config.py.")
+    tr.add_argument("config", metavar="[CONFIG.yaml] [key=value | --key value ...]", nargs="?",
+                    help="YAML run config (optional when every key is given), then overrides")
+    # Overrides (key=value, --key value) are collected by main() from the unknown arguments:
+    # argparse cannot take "--data x" as a positional list.
+    tr.set_defaults(handler=_cmd_train)
+
+    ev = sub.add_parser("eval", help="exact-match accuracy and stop rate of a run on held-out rows")
+    ev.add_argument("run_dir", help="a finished run directory")
+    ev.add_argument("--data", help="data file (default: the run's held-out split)")
+    ev.add_argument("--merge", help="merge template for a table (default: the run's)")
+    ev.add_argument("--output", help="answer column or template (default: the run's)")
+    ev.add_argument("--system", help="system prompt (default: the run's)")
+    ev.add_argument("--format", help="data format (default: the run's / detected)")
+    ev.add_argument("--rows", type=int, help="use only the first N rows")
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(handler=_cmd_eval)
+
     data_p = sub.add_parser("data", help="look at training data as the model will see it")
     dsub = data_p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     dp = dsub.add_parser("preview", help="rendered rows with the trained part marked, token counts")
@@ -123,7 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "train":
+        # Only a first argument naming a YAML file is the config; the rest are overrides.
+        rest = list(argv if argv is not None else sys.argv[1:])
+        rest = rest[rest.index("train") + 1:]
+        args.config = rest.pop(0) if rest and rest[0].endswith((".yaml", ".yml")) else None
+        args.overrides = rest
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -15,9 +15,12 @@ class TunefixError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
-        text = self.message.rstrip(".")
+        text = _end(self.message)
         if self.hint:
-            text += f". {self.hint.rstrip('.')}."
-        else:
-            text += "."
+            text += " " + _end(self.hint)
         return " ".join(text.split())
+
+
+def _end(sentence: str) -> str:
+    sentence = sentence.strip()
+    return sentence if sentence.endswith((".", "?", "!")) else sentence + "."

@@ -62,10 +62,15 @@ def _config(spec: TinySpec, vocab_size: int, hidden: int, layers: int, tok):
         return tf.Phi3Config(**common, sliding_window=2048)
     if spec.family == "gemma":
         return tf.GemmaConfig(**common, head_dim=64, hidden_activation="gelu_pytorch_tanh")
+    # Gemma 2/3 scale attention by query_pre_attn_scalar ** -0.5. Real checkpoints set it
+    # to head_dim (the 27B models aside), which is what llama.cpp uses; transformers'
+    # default 256 would make the tiny models disagree with their own exports.
     if spec.family == "gemma2":
-        return tf.Gemma2Config(**common, head_dim=64, hidden_activation="gelu_pytorch_tanh")
+        return tf.Gemma2Config(**common, head_dim=64, query_pre_attn_scalar=64,
+                               hidden_activation="gelu_pytorch_tanh")
     if spec.family == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=64, hidden_activation="gelu_pytorch_tanh")
+        return tf.Gemma3TextConfig(**common, head_dim=64, query_pre_attn_scalar=64,
+                                   hidden_activation="gelu_pytorch_tanh")
     raise AssertionError(spec.family)
 
 
@@ -112,4 +117,4 @@ def tiny_model(family: str, *, hidden: int = 256, layers: int = 2, seed: int = 0
 
     name = f"tiny-{family}-h{hidden}-l{layers}-s{seed}"
     return assets.cached_dir(name, lambda tmp: build_tiny(family, tmp, hidden=hidden, layers=layers,
-                                                          seed=seed), version="3")
+                                                          seed=seed), version="4")

@@ -324,9 +324,11 @@ def from_model(model, tokenizer, name: str = "model") -> Subject:
     head = None if out is None or out.weight is emb else _ModuleRows("lm_head.weight", out.weight)
     gen = getattr(model, "generation_config", None)
     stops = _stop_ids_from(getattr(gen, "eos_token_id", None)) or _stop_ids_from(model.config.eos_token_id)
+    norms = [(n, (lambda p=p: p.detach().float().reshape(-1)))
+             for n, p in model.named_parameters() if "norm" in n and n.endswith("weight")]
     return Subject(name=name, kind="memory", config=model.config.to_dict(), tokenizer=tokenizer,
                    template=_template_of(tokenizer), stop_ids=stops,
-                   embed=_ModuleRows("embed_tokens.weight", emb), lm_head=head,
+                   embed=_ModuleRows("embed_tokens.weight", emb), lm_head=head, norms=norms,
                    tensor_names=[n for n, _ in model.named_parameters()])
 
 

@@ -1,0 +1,1 @@
+"""Export: merge, GGUF conversion and quantisation, Modelfile, round-trip verification."""

@@ -1,0 +1,410 @@
+"""Proof that a GGUF export behaves like the PyTorch model: tokens, logits, stopping.
+
+llama.cpp (through llama-cpp-python, the pinned version) is the judge. Each check
+returns a small result; a failing one carries the first divergence (token and text),
+and ``raise_if_failed`` turns it into a one-line ``TunefixError``.
+
+One BOS, as decided in design.md: a rendered prompt that already starts with the BOS
+text is tokenised without adding special tokens on both sides (the Hugging Face
+``add_special_tokens=False``, llama.cpp ``add_bos=False``); any other text gets the
+tokenizer's own policy on both sides (the Hugging Face tokenizer's post-processor, the
+GGUF's ``add_bos_token``), so a wrong ``add_bos_token`` shows up as a divergence.
+llama.cpp's own double-BOS warning is captured from its log on every tokenisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunefix.errors import TunefixError
+
+DOUBLE_BOS_WARNING = "the final prompt starts with 2 BOS tokens"
+
+CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": "What is the capital of France? Answer in one word."},),
+    ({"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Name three primary colours."}),
+    ({"role": "user", "content": "Hi!"},
+     {"role": "assistant", "content": "Hello! How can I help you today?"},
+     {"role": "user", "content": "Translate 'thank you' into French, please."}),
+    ({"role": "user", "content": "  Leading spaces, digits 1234567890, emoji 🤗🎉 and 中文字符."},),
+)
+TRICKY = (
+    "Hello world", " leading space", "  two leading spaces", "trailing space ",
+    "digits 1234567890 3.14159 -42 2024-06-01", "emoji 🤗🎉👍🏽 end", "中文测试 日本語のテキスト 한국어",
+    "tabs\tand\nnew lines\n\n", "MiXeD cAsE and CamelCase", "a",
+)
+
+
+# ---------------------------------------------------------------------- llama.cpp
+
+
+@contextlib.contextmanager
+def llama_logs() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines while the block runs.
+
+    llama.cpp has one process-wide log callback; llama-cpp-python installs its own at
+    import and filters warnings out when ``verbose=False``. We swap ours in for the
+    block and put llama-cpp-python's back afterwards, so nothing outlives the call.
+    """
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):  # noqa: ARG001 - ctypes signature
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def open_llama(gguf_file: str | os.PathLike, *, vocab_only: bool = False, n_ctx: int = 512,
+               threads: int | None = None):
+    """A llama.cpp model (all logits kept), closed when the block ends.
+
+    ``threads=None`` keeps llama-cpp-python's default (half the cores). Measured on a
+    busy 2-core machine: one thread evaluated SmolLM2 10 to 30 times faster than two,
+    because ggml's threads spin on each other when the cores are shared.
+    """
+    from llama_cpp import Llama
+
+    if not Path(gguf_file).is_file():
+        raise TunefixError(f"no GGUF file at {gguf_file}")
+    kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+    llm = Llama(str(gguf_file), vocab_only=vocab_only, n_ctx=n_ctx, logits_all=not vocab_only,
+                verbose=False, **kw)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def _eog_ids(llm) -> set[int]:
+    """Every token llama.cpp ends generation on (its end-of-generation set)."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return {i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
+
+# ------------------------------------------------------------------------ prompts
+
+
+def load_tokenizer(hf_dir: str | os.PathLike):
+    from tunefix.export.gguf_meta import load_tokenizer as load
+
+    return load(hf_dir)
+
+
+def _chatml(messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+    # For tokenizers without a chat template: a chatml-like string, which exercises
+    # special-looking text whether or not the vocabulary has these tokens.
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def render(tok, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    if not tok.chat_template:
+        return _chatml(messages, add_generation_prompt)
+    try:
+        return tok.apply_chat_template(list(messages), tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - templates raise anything; retry without system
+        if messages and messages[0]["role"] == "system":
+            return render(tok, messages[1:], add_generation_prompt)
+        raise TunefixError(f"the chat template failed to render a conversation: {e}") from e
+
+
+def starts_with_bos(tok, text: str) -> bool:
+    return bool(tok.bos_token) and text.startswith(tok.bos_token)
+
+
+def hf_ids(tok, text: str) -> list[int]:
+    """Token ids on tunefix's Hugging Face path: one BOS, from the text or the tokenizer."""
+    return tok(text, add_special_tokens=not starts_with_bos(tok, text))["input_ids"]
+
+
+def llama_ids(llm, tok, text: str) -> list[int]:
+    """The same text through llama.cpp, with the same BOS rule."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos(tok, text), special=True)
+
+
+def parity_texts(tok) -> list[tuple[str, str]]:
+    """(label, text): rendered conversations, tricky strings and special-token strings."""
+    texts = [(f"conversation {i}", render(tok, c, add_generation_prompt=i % 2 == 0))
+             for i, c in enumerate(CONVERSATIONS)]
+    texts += [(f"string {s!r}", s) for s in TRICKY]
+    specials = [t for t in dict.fromkeys([tok.bos_token, tok.eos_token, *tok.all_special_tokens]) if t]
+    texts += [(f"special {t!r}", f"before{t} after {t}") for t in specials[:8]]
+    return texts
+
+
+def prompt_ids(tok) -> list[list[int]]:
+    """Rendered conversations ending in a generation prompt, as Hugging Face token ids."""
+    return [hf_ids(tok, render(tok, c, add_generation_prompt=True)) for c in CONVERSATIONS]
+
+
+# ------------------------------------------------------------------- tokenisation
+
+
+@dataclass
+class TokenParity:
+    checked: int
+    failures: list[str] = field(default_factory=list)
+    double_bos: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.double_bos
+
+    def raise_if_failed(self) -> None:
+        if self.double_bos:
+            raise TunefixError("llama.cpp put two BOS tokens in front of a rendered prompt",
+                               "Fix the GGUF's add_bos_token or the template's BOS")
+        if self.failures:
+            raise TunefixError(f"tokenisation differs between llama.cpp and Hugging Face: {self.failures[0]}",
+                               f"{len(self.failures)} of {self.checked} texts differ")
+
+
+def _piece(tok, i: int | None) -> str:
+    return "end" if i is None else f"{i} {tok.convert_ids_to_tokens(i)!r}"
+
+
+def first_divergence(tok, text: str, ours: list[int], theirs: list[int]) -> str | None:
+    """Where two id lists first part: the token index, both tokens and the text there."""
+    n = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+             None if len(ours) == len(theirs) else min(len(ours), len(theirs)))
+    if n is None:
+        return None
+    at = len(tok.decode(ours[:n], skip_special_tokens=False))
+    a = ours[n] if n < len(ours) else None
+    b = theirs[n] if n < len(theirs) else None
+    return (f"token {n} (near character {at}, {text[max(0, at - 8):at + 8]!r}): "
+            f"Hugging Face {_piece(tok, a)}, llama.cpp {_piece(tok, b)}")
+
+
+def token_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, tok=None) -> TokenParity:
+    """Tokenise the parity texts with llama.cpp (vocab only) and the Hugging Face tokenizer."""
+    tok = tok or load_tokenizer(hf_dir)
+    texts = parity_texts(tok)
+    with llama_logs() as logs:
+        with open_llama(gguf_file, vocab_only=True) as llm:
+            result = _token_parity(llm, tok, texts)
+        if _bos_doubling_risk(tok, texts, gguf_file):
+            result.notes.append("the chat template writes BOS and the GGUF adds one: tokenise "
+                                "rendered prompts with add_bos=False (llama.cpp's chat path does)")
+    result.double_bos |= any(DOUBLE_BOS_WARNING in line for line in logs)
+    return result
+
+
+def _token_parity(llm, tok, texts: list[tuple[str, str]]) -> TokenParity:
+    result = TokenParity(checked=len(texts))
+    for label, text in texts:
+        ours, theirs = hf_ids(tok, text), llama_ids(llm, tok, text)
+        where = first_divergence(tok, text, ours, theirs)
+        if where:
+            result.failures.append(f"{label}: {where}")
+        bos = tok.bos_token_id
+        if bos is not None and theirs[:2] == [bos, bos] and ours[:2] != [bos, bos]:
+            result.double_bos = True
+    return result
+
+
+def _bos_doubling_risk(tok, texts: list[tuple[str, str]], gguf_file) -> bool:
+    # Not an error (design.md: official Llama 3 and Phi-3 templates do this), but a
+    # caller that tokenises the rendered prompt with add_bos=True gets two BOS.
+    from tunefix.export.gguf_meta import read_metadata
+
+    rendered = [t for label, t in texts if label.startswith("conversation")]
+    return any(starts_with_bos(tok, t) for t in rendered) and bool(read_metadata(gguf_file).add_bos)
+
+
+# --------------------------------------------------------------------------- logits
+
+
+@dataclass
+class LogitsParity:
+    file: str
+    positions: int
+    compared: int          # positions where PyTorch's top-1 margin is at least min_margin
+    top1_agreement: float  # over the compared positions
+    max_abs_diff: float    # over all positions and the shared vocabulary
+    first_disagreement: str | None
+    max_abs_allowed: float | None  # None: reported, not judged (quantised files)
+
+    @property
+    def ok(self) -> bool:
+        if self.max_abs_allowed is None:
+            return True
+        return self.top1_agreement == 1.0 and self.max_abs_diff <= self.max_abs_allowed
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            raise TunefixError(
+                f"{self.file}: logits differ from PyTorch (top-1 agreement {self.top1_agreement:.1%}, "
+                f"max abs diff {self.max_abs_diff:.3f}); first: {self.first_disagreement or 'none'}",
+                "Check the converter's output for this architecture")
+
+
+def load_reference(hf_dir: str | os.PathLike):
+    """The PyTorch model in fp32 on the CPU, in eval mode: the reference of every check."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def torch_logits(model, ids: Sequence[int]):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()  # [T, V]
+
+
+def llama_logits(llm, ids: Sequence[int]):
+    llm.reset()
+    llm.eval(list(ids))
+    return llm.scores[: len(ids)].copy()  # [T, V]
+
+
+def _compare(tok, ids, ref, got, min_margin: float):
+    """(compared, agreed, max_abs, first disagreement) for one prompt's [T, V] logits."""
+    import numpy as np
+
+    v = min(ref.shape[1], got.shape[1])
+    ref, got = ref[:, :v], got[:, :v]
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) >= min_margin
+    ref_top, got_top = ref.argmax(1), got.argmax(1)
+    bad = np.flatnonzero(clear & (ref_top != got_top))
+    first = None
+    if bad.size:
+        p = int(bad[0])
+        first = (f"position {p} after {tok.decode(ids[max(0, p - 4):p + 1])!r}: PyTorch "
+                 f"{_piece(tok, int(ref_top[p]))}, llama.cpp {_piece(tok, int(got_top[p]))}")
+    return int(clear.sum()), int(clear.sum() - bad.size), float(np.abs(ref - got).max()), first
+
+
+def logits_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, *, model=None, tok=None,
+                  prompts: Sequence[Sequence[int]] | None = None, min_margin: float = 0.0,
+                  max_abs: float | None = 0.25, threads: int | None = None) -> LogitsParity:
+    """Compare llama.cpp's logits with the fp32 PyTorch model's on the same token ids.
+
+    ``min_margin`` leaves out positions where PyTorch's best two logits are closer than
+    that (near-ties that any rounding may flip, common on random tiny models); the
+    maximum absolute difference always covers every position. ``max_abs=None`` only
+    reports (quantised files).
+    """
+    tok = tok or load_tokenizer(hf_dir)
+    model = model if model is not None else load_reference(hf_dir)
+    prompts = [list(p) for p in (prompts or prompt_ids(tok))]
+    positions = compared = agreed = 0
+    worst, first = 0.0, None
+    # n_ctx sizes llama-cpp-python's [n_ctx, n_vocab] logits buffer: no larger than needed.
+    with open_llama(gguf_file, n_ctx=max(map(len, prompts)) + 8, threads=threads) as llm:
+        for ids in prompts:
+            got = llama_logits(llm, ids)
+            c, a, m, f = _compare(tok, ids, torch_logits(model, ids), got, min_margin)
+            positions, compared, agreed = positions + len(ids), compared + c, agreed + a
+            worst, first = max(worst, m), first or f
+    return LogitsParity(Path(gguf_file).name, positions, compared,
+                        agreed / compared if compared else 1.0, worst, first, max_abs)
+
+
+# ---------------------------------------------------------------------------- stops
+
+
+@dataclass
+class StopRun:
+    torch_tokens: list[int]
+    llama_tokens: list[int]
+    torch_stopped: bool
+    llama_stopped: bool
+    first_divergence: str | None
+
+
+@dataclass
+class StopParity:
+    file: str
+    max_new_tokens: int
+    runs: list[StopRun]
+    llama_only_stops: list[str]  # tokens llama.cpp stops on that the PyTorch side does not
+
+    @property
+    def ok(self) -> bool:
+        return all(r.torch_stopped == r.llama_stopped for r in self.runs)
+
+    def raise_if_failed(self) -> None:
+        bad = [r for r in self.runs if r.torch_stopped != r.llama_stopped]
+        if bad:
+            r = bad[0]
+            who = "PyTorch stops and llama.cpp does not" if r.torch_stopped else "llama.cpp stops and PyTorch does not"
+            raise TunefixError(f"{self.file}: {who} within {self.max_new_tokens} tokens; "
+                               f"first divergence: {r.first_divergence or 'none'}",
+                               "Check the GGUF's eos/eot ids and the generation config")
+
+
+def stop_ids(tok, hf_dir: str | os.PathLike) -> set[int]:
+    """The ids PyTorch generation stops on: EOS, the generation config's, end of turn."""
+    from tunefix.export.gguf_meta import _generation_eos_ids, end_of_turn_id
+
+    ids = {tok.eos_token_id, end_of_turn_id(tok, Path(hf_dir)), *_generation_eos_ids(Path(hf_dir))}
+    return {i for i in ids if i is not None}
+
+
+def torch_greedy(model, ids: Sequence[int], stops: set[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(stops), pad_token_id=min(stops),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+def llama_greedy(llm, ids: Sequence[int], eog: set[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding by argmax of llama.cpp's logits, stopping on its own EOG set."""
+    llm.reset()
+    llm.eval(list(ids))
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+        out.append(nxt)
+        if nxt in eog:
+            break
+        llm.eval([nxt])
+    return out
+
+
+def stop_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, *, model=None, tok=None,
+                prompts: Sequence[Sequence[int]] | None = None,
+                max_new_tokens: int = 64, threads: int | None = None) -> StopParity:
+    """Greedy generation in both: does each stop with a stop token before the limit?"""
+    tok = tok or load_tokenizer(hf_dir)
+    model = model if model is not None else load_reference(hf_dir)
+    prompts = [list(p) for p in (prompts or prompt_ids(tok)[:2])]
+    stops = stop_ids(tok, hf_dir)
+    runs = []
+    with open_llama(gguf_file, n_ctx=max(map(len, prompts)) + max_new_tokens + 8, threads=threads) as llm:
+        eog = _eog_ids(llm)
+        for ids in prompts:
+            ours = torch_greedy(model, ids, stops, max_new_tokens)
+            theirs = llama_greedy(llm, ids, eog, max_new_tokens)
+            runs.append(StopRun(ours, theirs, bool(ours) and ours[-1] in stops,
+                                bool(theirs) and theirs[-1] in eog,
+                                first_divergence(tok, tok.decode(ours), ours, theirs)))
+    extra = [f"{i} {tok.convert_ids_to_tokens(i)!r}" for i in sorted(eog - stops)]
+    return StopParity(Path(gguf_file).name, max_new_tokens, runs, extra)

@@ -1,0 +1,1 @@
+"""Training: the typed run config and the trainer glue."""

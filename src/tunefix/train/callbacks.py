@@ -1,0 +1,105 @@
+"""Trainer callbacks: a rich progress bar with a live loss line, the metrics log, and a
+stop on a NaN/Inf loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class LossLog(TrainerCallback):
+    """Appends every logged metric to metrics.jsonl; keeps (step, loss) pairs for the plot."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.train: list[tuple[int, float]] = []
+        self.eval: list[tuple[int, float]] = []
+        self.trainer = None
+        self._last = (time.perf_counter(), 0)
+
+    def tokens_per_second(self) -> float | None:
+        if self.trainer is None:
+            return None
+        now, seen = time.perf_counter(), self.trainer.tokens_seen
+        t0, s0 = self._last
+        self._last = (now, seen)
+        return (seen - s0) / (now - t0) if now > t0 and seen > s0 else None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The same dict reaches the callbacks after this one: the progress bar shows tok/s.
+        logs = logs if logs is not None else {}
+        step = state.global_step
+        if "loss" in logs:
+            self.train.append((step, float(logs["loss"])))
+            tps = self.tokens_per_second()
+            if tps:
+                logs["tokens_per_second"] = round(tps, 1)
+        if "eval_loss" in logs:
+            self.eval.append((step, float(logs["eval_loss"])))
+        self.last_logs = logs
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+
+    def record_eval(self, step: int, loss: float | None) -> None:
+        if loss is not None and (not self.eval or self.eval[-1][0] != step):
+            self.eval.append((step, float(loss)))
+
+
+class NonFiniteStop(TrainerCallback):
+    """Stops at the first NaN/Inf loss; the trainer then asks the doctor why."""
+
+    bad_step: int | None = None
+    bad_value: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.bad_step is None:
+            self.bad_step, self.bad_value = state.global_step, float(loss)
+            control.should_training_stop = True
+
+
+class RichProgress(TrainerCallback):
+    """One progress bar for the run, its description the live loss line."""
+
+    def __init__(self, console=None):
+        self.console = console
+        self.progress = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs or "loss" not in logs:
+            return
+        parts = [f"loss {logs['loss']:.4f}"]
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.2e}")
+        if logs.get("grad_norm") is not None:
+            parts.append(f"grad {logs['grad_norm']:.2f}")
+        if logs.get("tokens_per_second"):
+            parts.append(f"{logs['tokens_per_second']:.0f} tok/s")
+        self.progress.update(self.task, description=" | ".join(parts))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()

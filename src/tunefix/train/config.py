@@ -1,0 +1,208 @@
+"""One typed run config: a dataclass, loadable from YAML, overridable with key=value,
+validated before any model is loaded. Errors speak the CLI's spelling (``--lora-r``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from tunefix.errors import TunefixError
+
+
+@dataclass
+class RunConfig:
+    """A fine-tuning run. Each field is also a command-line option (``lora_r`` -> ``--lora-r``)."""
+
+    model: str = ""
+    """model directory, .gguf file or cached hub id (default: the built-in SmolLM2-135M-Instruct)"""
+    data: str = ""
+    """training data: CSV, TSV, JSON, JSONL, Parquet or a save_to_disk directory"""
+    output_dir: str = "runs/run"
+    """the run directory (created; never overwritten unless resume)"""
+    template: str | None = None
+    """chat template: registry name or file (default: the model's own)"""
+    format: str | None = None
+    """data format (default: detected)"""
+    merge: str | None = None
+    """merge template over table columns, e.g. "{sex}, {age} years old[[, deck {deck}]]" """
+    output: str | None = None
+    """the answer of a table row: a column or a template such as {alive}"""
+    system: str | None = None
+    """system prompt added to every conversation"""
+    max_seq_length: int = 2048
+    load_in_4bit: bool = False
+    lora_r: int = 16
+    lora_alpha: int | None = None
+    """default 2 * lora_r"""
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    """default: all of q, k, v, o, gate, up, down"""
+    use_rslora: bool = False
+    train_embeddings: bool = False
+    """continued pretraining: train embed_tokens and lm_head in full"""
+    embedding_learning_rate: float | None = None
+    """default learning_rate / 10"""
+    batch_size: int = 2
+    gradient_accumulation: int = 4
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    """stop after this many optimizer steps (-1: run the epochs)"""
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    seed: int = 3407
+    eval_fraction: float = 0.0
+    """hold out this fraction of the rows for eval loss and accuracy"""
+    eval_steps: int = 0
+    """evaluate every N steps (0: at the end only)"""
+    save_steps: int = 50
+    logging_steps: int = 1
+    gradient_checkpointing: str = "on"
+    """off, on or offload"""
+    loss: str = "chunked"
+    """chunked (never materialises the full logits) or reference"""
+    packing: bool = False
+    precision: str = "auto"
+    """auto (bf16 where the hardware has it), bf16 or fp32"""
+    resume: bool = False
+    """continue from the last checkpoint in output_dir"""
+    trust_remote_code: bool = False
+    limit_rows: int | None = None
+    """use only the first N rows of the data (quick runs)"""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def option(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def validate(self) -> None:
+        """Checks that need no model. Raises TunefixError in CLI spelling."""
+        o = self.option
+        if not self.data:
+            raise TunefixError(f"no training data: {o('data')} is required")
+        if not Path(self.data).exists():
+            raise TunefixError(f"{o('data')} {self.data}: no such file or directory")
+        positive = ("max_seq_length", "lora_r", "batch_size", "gradient_accumulation", "logging_steps", "save_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise TunefixError(f"{o(name)} must be a positive number, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.learning_rate > 1:
+            raise TunefixError(f"{o('learning_rate')} must be in (0, 1], got {self.learning_rate}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TunefixError(f"{o('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.eval_fraction < 1:
+            raise TunefixError(f"{o('eval_fraction')} must be in [0, 1), got {self.eval_fraction}")
+        if self.gradient_checkpointing not in ("off", "on", "offload"):
+            raise TunefixError(f"{o('gradient_checkpointing')} must be off, on or offload")
+        if self.loss not in ("chunked", "reference"):
+            raise TunefixError(f"{o('loss')} must be chunked or reference")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise TunefixError(f"{o('precision')} must be auto, bf16 or fp32")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise TunefixError(f"set {o('epochs')} or {o('max_steps')} to a positive number")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "extra"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    hint = get_type_hints(RunConfig)[name]
+    text = str(hint)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in text):
+        return None
+    try:
+        if "list" in text:
+            return value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+        if "bool" in text:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(value)
+        if "int" in text and "float" not in text:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if "float" in text:
+            return float(value)
+    except (TypeError, ValueError):
+        raise TunefixError(f"{RunConfig.option(name)}: {value!r} is not a valid {text.replace('typing.', '')}") from None
+    return value if isinstance(value, str) or value is None else str(value)
+
+
+def _unknown(key: str) -> TunefixError:
+    close = difflib.get_close_matches(key.replace("-", "_"), list(_FIELDS), n=1)
+    hint = f"Did you mean {RunConfig.option(close[0])}?" if close else "See `tunefix train --help`"
+    return TunefixError(f"unknown config key {RunConfig.option(key.replace('-', '_'))}", hint)
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    kwargs = {}
+    for key, value in values.items():
+        name = key.lstrip("-").replace("-", "_")
+        if name not in _FIELDS:
+            raise _unknown(key)
+        kwargs[name] = _coerce(name, value)
+    return RunConfig(**kwargs)
+
+
+def load_config(yaml_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) plus ``key=value`` / ``--key value`` overrides."""
+    values: dict[str, Any] = {}
+    if yaml_file:
+        import yaml
+
+        path = Path(yaml_file)
+        if not path.is_file():
+            raise TunefixError(f"config file {yaml_file}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise TunefixError(f"{yaml_file} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise TunefixError(f"{yaml_file} must hold a mapping of config keys")
+        base = path.parent
+        for key in ("data",):  # paths in a config file are relative to the file
+            if key in loaded and not Path(str(loaded[key])).is_absolute():
+                candidate = base / str(loaded[key])
+                if candidate.exists():
+                    loaded[key] = str(candidate)
+        values.update(loaded)
+    values.update(parse_overrides(overrides or []))
+    return build_config(values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            key = item[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+                value = items[i + 1]
+                i += 1
+            else:
+                value = "true"
+        elif "=" in item:
+            key, value = item.split("=", 1)
+        else:
+            raise TunefixError(f"cannot read {item!r} as an option", "Use key=value or --key value")
+        out[key] = value
+        i += 1
+    return out
+
+
+def config_help() -> str:
+    lines = []
+    for name, f in _FIELDS.items():
+        lines.append(f"  {RunConfig.option(name):28s} (default: {f.default if f.default is not dataclasses.MISSING else '[]'})")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""The loss-curve PNG of a run (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], out: Path,
+                title: str = "tunefix") -> Path | None:
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    from tunefix._io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps, losses = zip(*train, strict=True)
+    ax.plot(steps, losses, label="train loss", color="#1f77b4", linewidth=1.2)
+    if evals:
+        es, el = zip(*evals, strict=True)
+        ax.plot(es, el, "o-", label="eval loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,52 @@
+"""A finished run directory, loaded back: base model (fixed) + adapter + tokenizer + template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunefix.errors import TunefixError
+from tunefix.train.config import RunConfig, build_config
+
+
+def read_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
+    run_dir = Path(run_dir)
+    summary_file = run_dir / "summary.json"
+    if not run_dir.is_dir():
+        raise TunefixError(f"run directory {run_dir} does not exist")
+    if not summary_file.exists() or not (run_dir / "adapter").is_dir():
+        raise TunefixError(f"{run_dir} is not a finished tunefix run (no summary.json or adapter/)",
+                           "Pass the output_dir of a completed `tunefix train`")
+    cfg_data = json.loads((run_dir / "config.json").read_text())
+    return build_config(cfg_data), json.loads(summary_file.read_text())
+
+
+def load_template(run_dir: Path):
+    from tunefix.templates.record import ChatTemplate
+
+    data = json.loads((run_dir / "template.json").read_text())
+    fields = ChatTemplate.__dataclass_fields__
+    return ChatTemplate(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in fields})
+
+
+def load_run(run_dir: str | Path, *, merge: bool = False) -> tuple[Any, Any, Any, RunConfig]:
+    """(model with adapter, tokenizer, template, config). ``merge``: fold the adapter in."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tunefix.model.load import load_model
+    from tunefix.model.lora import unfuse_projections
+
+    run_dir = Path(run_dir)
+    cfg, summary = read_run(run_dir)
+    model, _ = load_model(summary["base_model"], max_seq_length=cfg.max_seq_length, report=None)
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    if model.get_input_embeddings().weight.shape[0] < len(tok):  # the doctor added a pad token
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    unfuse_projections(model)  # adapters of fused models were trained on the split parts
+    model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    return model, tok, load_template(run_dir), cfg

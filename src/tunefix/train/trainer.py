@@ -1,0 +1,302 @@
+"""The training path, top to bottom: config -> model (fixed) -> rows -> LoRA -> Trainer -> run dir.
+
+We train with transformers' ``Trainer`` (not TRL's ``SFTTrainer``): tunefix tokenises
+and masks the rows itself (one BOS, response-only labels that survive BPE merges), so
+SFTTrainer's data handling would only be a second, disagreeing copy of it; Trainer brings
+what we want from the field unchanged: accumulation, schedules, checkpoints with RNG state
+(resume continues the same curve), TensorBoard/W&B, DDP/FSDP through accelerate. The one
+thing we replace is the loss, through ``compute_loss``, with the chunked loss that never
+holds the full-vocabulary logits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunefix.errors import TunefixError
+from tunefix.train.config import RunConfig
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    train_rows: int = 0
+    eval_rows: int = 0
+    fixes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded hold-out split; the same config always holds out the same rows."""
+    if fraction <= 0:
+        return list(rows), []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(rows) * fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def prepare_data(cfg: RunConfig, tokenizer):
+    """Rows of the config's data: (template, train conversations, eval conversations)."""
+    from tunefix.data import prepare
+    from tunefix.templates import template_for
+
+    prepared = prepare(cfg.data, fmt=cfg.format, merge=cfg.merge, output=cfg.output, system=cfg.system,
+                       limit=cfg.limit_rows, seed=cfg.seed)
+    template = template_for(tokenizer, cfg.template) if prepared.kind == "chat" else None
+    train_rows, eval_rows = split_rows(prepared.rows, cfg.eval_fraction, cfg.seed)
+    return template, train_rows, eval_rows
+
+
+def tokenize(cfg: RunConfig, tokenizer, template, rows: list, *, warn: bool = True) -> list[dict]:
+    from tunefix.data import pack, tokenize_rows
+
+    out = tokenize_rows(tokenizer, template, rows, max_seq_length=cfg.max_seq_length)
+    if out.truncated or out.dropped:
+        log.warning("%d rows truncated to %d tokens; %d rows dropped (no trainable token left)",
+                    out.truncated, cfg.max_seq_length, out.dropped)
+    if not out.rows:
+        raise TunefixError("no trainable rows", f"Check {RunConfig.option('max_seq_length')} and the data")
+    longest = max(len(r["input_ids"]) for r in out.rows)
+    if warn and cfg.packing and cfg.max_seq_length > 8 * longest and cfg.max_seq_length > 512:
+        log.warning("--max-seq-length %d is far beyond the longest row (%d tokens); it only wastes "
+                    "memory when packing", cfg.max_seq_length, longest)
+    rows = pack(out.rows, cfg.max_seq_length) if cfg.packing else out.rows
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+
+
+class Collator:
+    """Dynamic padding to the longest row of the batch; labels padded with -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class TunefixTrainer(Trainer):
+        """transformers' Trainer with tunefix's loss; everything else unchanged."""
+
+        loss_impl = "chunked"
+        tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from tunefix.model.loss import model_loss
+
+            self.tokens_seen += int(inputs["attention_mask"].sum())
+            loss = model_loss(model, inputs, num_items_in_batch=num_items_in_batch, impl=self.loss_impl)
+            return (loss, None) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            import torch
+
+            from tunefix.model.loss import model_loss
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = model_loss(model, inputs, impl=self.loss_impl)
+            return loss.detach(), None, None
+
+    return TunefixTrainer
+
+
+def _optimizer(model, cfg: RunConfig):
+    """AdamW with the embeddings (continued pretraining) in their own, lower-lr group."""
+    import torch
+
+    emb_lr = cfg.embedding_learning_rate or cfg.learning_rate / 10
+    main, emb = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (emb if ("embed_tokens" in name or "lm_head" in name) else main).append(p)
+    groups = [{"params": main, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}]
+    if emb:
+        groups.append({"params": emb, "lr": emb_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def _report_to() -> list[str]:
+    from tunefix._optional import has_tensorboard, has_wandb
+
+    return [n for n, ok in (("tensorboard", has_tensorboard()), ("wandb", has_wandb())) if ok]
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    from tunefix._optional import has_bitsandbytes
+    from tunefix.model.load import compute_dtype
+
+    cuda = torch.cuda.is_available()
+    dtype = compute_dtype("cuda" if cuda else "cpu", cfg.precision)
+    optim = "adamw_8bit" if cuda and has_bitsandbytes() else "adamw_torch"
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, optim=optim,
+        seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=3, eval_strategy=("steps" if has_eval and cfg.eval_steps else "no"),
+        eval_steps=cfg.eval_steps or None, prediction_loss_only=True, report_to=_report_to(),
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu=not cuda, disable_tqdm=True, remove_unused_columns=False, gradient_checkpointing=False,
+        dataloader_num_workers=0, logging_nan_inf_filter=False,  # a NaN must reach our stop
+    )
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise TunefixError(f"run directory {run_dir} already exists",
+                           f"Pass {RunConfig.option('resume')} to continue it, or choose another "
+                           f"{RunConfig.option('output_dir')}")
+    if resume and not (run_dir / "checkpoints").exists():
+        raise TunefixError(f"{run_dir} has no checkpoints to resume from")
+
+
+def train(cfg: RunConfig, *, console=None) -> RunResult:
+    """Run a fine-tune; returns where everything went. Validation happens before any load."""
+    import torch
+
+    from tunefix import assets
+    from tunefix.model.checkpointing import apply_checkpointing
+    from tunefix.model.load import load_model
+    from tunefix.model.lora import add_lora
+    from tunefix.train.callbacks import LossLog, NonFiniteStop, RichProgress
+    from tunefix.train.plot import plot_losses
+
+    cfg.model = cfg.model or str(assets.smollm2())
+    cfg.validate()
+    run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, cfg.resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "extra"})
+
+    fixes: list[str] = []
+    model, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit,
+                            template=None, trust_remote_code=cfg.trust_remote_code, report=fixes.append)
+    for line in fixes:
+        (console.print if console else print)(line)
+    template, train_conv, eval_conv = prepare_data(cfg, tok)
+    train_rows = tokenize(cfg, tok, template, train_conv)
+    eval_rows = tokenize(cfg, tok, template, eval_conv, warn=False) if eval_conv else []
+    torch.manual_seed(cfg.seed)
+    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
+                     train_embeddings=cfg.train_embeddings)
+    apply_checkpointing(model, cfg.gradient_checkpointing)
+
+    args = training_arguments(cfg, run_dir, bool(eval_rows))
+    loss_log = LossLog(run_dir / "metrics.jsonl")
+    stop = NonFiniteStop()
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
+                          data_collator=Collator(tok.pad_token_id), optimizers=(_optimizer(model, cfg), None),
+                          callbacks=[loss_log, stop, RichProgress(console)])
+    trainer.loss_impl = cfg.loss
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs
+    loss_log.trainer = trainer
+    resume = cfg.resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    if stop.bad_step is not None:
+        raise TunefixError(f"the loss became {stop.bad_value} at step {stop.bad_step}; training stopped",
+                           likely_cause(model, tok, cfg))
+    if eval_rows and not cfg.eval_steps:
+        metrics = trainer.evaluate()
+        loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
+    save_run(run_dir, trainer.model, tok, template, cfg)
+    plot_losses(loss_log.train, loss_log.eval, run_dir / "loss.png", title=f"tunefix: {Path(cfg.model).name}")
+    result = RunResult(run_dir, trainer.state.global_step, loss_log.train, loss_log.eval,
+                       len(train_rows), len(eval_rows), fixes)
+    _write_json(run_dir / "summary.json", {**asdict(result), "run_dir": str(run_dir),
+                                            "base_model": cfg.model})
+    return result
+
+
+def likely_cause(model, tok, cfg: RunConfig) -> str:
+    """The doctor's best guess at why the loss went NaN/Inf."""
+    from tunefix.doctor import examine
+
+    try:
+        report = examine(model.get_base_model() if hasattr(model, "get_base_model") else model, tok,
+                         data=cfg.data)
+    except TunefixError:
+        report = None
+    if report is not None:
+        for code in ("template-untrained-token", "untrained-tokens", "nonfinite-weights"):
+            f = report.get(code)
+            if f is not None:
+                return f"Likely cause (doctor): {f.code}: {f.message}"
+    return (f"Likely cause: the learning rate ({cfg.learning_rate}) is too high, or fp16 overflow; "
+            f"try a lower {RunConfig.option('learning_rate')} or {RunConfig.option('precision')} fp32")
+
+
+def save_run(run_dir: Path, model, tok, template, cfg: RunConfig) -> None:
+    """The adapter (PEFT format), the fixed tokenizer with its template, the template record."""
+    from tunefix._io import atomic_dir, write_text
+
+    adapter = run_dir / "adapter"
+    if adapter.exists():
+        import shutil
+
+        shutil.rmtree(adapter)
+    with atomic_dir(adapter) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    tok_dir = run_dir / "tokenizer"
+    if tok_dir.exists():
+        import shutil
+
+        shutil.rmtree(tok_dir)
+    if template is not None:
+        tok.chat_template = template.jinja
+    with atomic_dir(tok_dir) as tmp:
+        tok.save_pretrained(str(tmp))
+    if template is not None:
+        record = {k: v for k, v in asdict(template).items()}
+        write_text(run_dir / "template.json", json.dumps(record, indent=1, default=str))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from tunefix._io import write_text
+
+    write_text(path, json.dumps(data, indent=1, default=str))
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

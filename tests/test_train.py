@@ -1,0 +1,201 @@
+"""Issue 5: load with fixes, LoRA, continued pretraining, config, training, resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunefix import assets, tiny
+from tunefix.cli import main
+from tunefix.train.config import RunConfig, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ALPACA = EXAMPLES / "alpaca_sample.json"
+
+
+def _cfg(tmp_path, **kw) -> RunConfig:
+    base = dict(model=str(tiny.tiny_model("llama")), data=str(ALPACA), template="llama-3",
+                output_dir=str(tmp_path / "run"), max_steps=4, batch_size=2, gradient_accumulation=1,
+                save_steps=2, warmup_steps=0, learning_rate=1e-3, max_seq_length=128, seed=1)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+# ------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("lora_rr=8", "unknown config key --lora-rr"),
+    ("lora_r=-4", "--lora-r must be a positive number"),
+    ("data=/no/such/file.csv", "--data /no/such/file.csv: no such file"),
+    ("max_seq_length=0", "--max-seq-length must be a positive number"),
+])
+def test_bad_configs_exit_2_before_loading(override, needle, capsys, monkeypatch):
+    import tunefix.model.load as load
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr(load, "load_model", no_load)
+    code = main(["train", str(EXAMPLES / "titanic.yaml"), override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_config_yaml_and_overrides():
+    cfg = load_config(str(EXAMPLES / "titanic.yaml"), ["lora_r=32", "--max-steps", "7", "--use-rslora"])
+    assert (cfg.lora_r, cfg.max_steps, cfg.use_rslora) == (32, 7, True)
+    assert Path(cfg.data).is_file()  # relative to the YAML file
+    cfg.validate()
+
+
+# ------------------------------------------------------------------ load_model + rows
+
+
+def test_load_model_fixes_pad_and_reports():
+    from tunefix.model.load import load_model
+
+    lines = []
+    model, tok = load_model(str(assets.smollm2()), report=lines.append)
+    assert tok.pad_token_id != tok.eos_token_id
+    assert any("pad token is now" in line for line in lines)
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+@pytest.mark.parametrize("family,template,bos", [("llama", "llama-3", "<|begin_of_text|>"),
+                                                   ("qwen2", None, None)])
+def test_training_rows_one_bos_and_end_of_turn(family, template, bos, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunefix.templates import template_for
+    from tunefix.train.trainer import prepare_data, tokenize
+
+    cfg = _cfg(tmp_path, model=str(tiny.tiny_model(family)), template=template)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    tpl, rows, _ = prepare_data(cfg, tok)
+    assert tpl == template_for(tok, template)
+    eot = tok.convert_tokens_to_ids(tpl.eot)
+    for row in tokenize(cfg, tok, tpl, rows):
+        ids, labels = row["input_ids"], row["labels"]
+        if bos is None:
+            assert tok.bos_token_id is None or tok.bos_token_id not in ids
+        else:
+            assert ids.count(tok.convert_tokens_to_ids(bos)) == 1 and ids[0] == tok.convert_tokens_to_ids(bos)
+        trained = [i for i, lab in zip(ids, labels, strict=True) if lab != -100]
+        assert trained[-1] == eot
+
+
+# ------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_defaults_and_peft_format(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunefix.train.trainer import train
+
+    result = train(_cfg(tmp_path, max_steps=2))
+    adapter = result.run_dir / "adapter"
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["r"] == 16 and conf["lora_alpha"] == 32 and conf["lora_dropout"] == 0.0
+    assert set(conf["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"}
+    base = AutoModelForCausalLM.from_pretrained(tiny.tiny_model("llama"), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(adapter))
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())
+    assert (result.run_dir / "loss.png").stat().st_size > 1000
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+
+
+def test_phi3_fused_projections_get_their_own_adapters():
+    from transformers import AutoModelForCausalLM
+
+    from tunefix.model.lora import add_lora, fuse_projections
+
+    path = tiny.tiny_model("phi3")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    expected = ref(ids).logits
+    peft_model = add_lora(model)
+    names = {n for n, _ in peft_model.named_modules()}
+    for part in ("qkv_proj.q_proj", "qkv_proj.k_proj", "qkv_proj.v_proj", "gate_up_proj.gate_proj",
+                 "gate_up_proj.up_proj"):
+        assert any(n.endswith(part + ".lora_A") for n in names), part
+    torch.testing.assert_close(peft_model(ids).logits, expected)  # B = 0: same function
+    with torch.no_grad():  # a trained adapter: the merged, re-fused model must equal it
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    adapted = peft_model(ids).logits
+    merged = peft_model.merge_and_unload()
+    assert fuse_projections(merged) == 2 * ref.config.num_hidden_layers
+    assert isinstance(merged.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+    torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(adapted, expected)
+
+
+def test_continued_pretraining_embedding_learning_rate(tmp_path):
+    from tunefix.model.load import load_model
+    from tunefix.model.lora import add_lora
+    from tunefix.train.trainer import _optimizer
+
+    cfg = _cfg(tmp_path, train_embeddings=True, learning_rate=1e-4)
+    model, _ = load_model(cfg.model, report=None)
+    model = add_lora(model, train_embeddings=True)
+    opt = _optimizer(model, cfg)
+    main_group, emb_group = opt.param_groups
+    assert main_group["lr"] == 1e-4 and emb_group["lr"] == pytest.approx(1e-5)
+    emb_names = {n for n, p in model.named_parameters() if any(p is q for q in emb_group["params"])}
+    assert emb_names and all("embed_tokens" in n or "lm_head" in n for n in emb_names)
+    assert not any("lora" in n for n in emb_names)
+
+
+# ------------------------------------------------------------------------ resume
+
+
+def test_interrupt_and_resume_continues_the_same_curve(tmp_path):
+    from tunefix.train.trainer import train
+
+    full = train(_cfg(tmp_path, output_dir=str(tmp_path / "full"), max_steps=4, save_steps=2))
+    # An interrupted copy: everything after the step-2 checkpoint is gone.
+    cut = tmp_path / "cut"
+    shutil.copytree(full.run_dir, cut)
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
+    for name in ("adapter", "tokenizer", "summary.json", "loss.png", "metrics.jsonl"):
+        p = cut / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    resumed = train(_cfg(tmp_path, output_dir=str(cut), max_steps=4, save_steps=2, resume=True))
+    want = dict(full.losses)
+    got = dict(resumed.losses)
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5)
+
+
+def test_run_dir_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["train", "--data", str(ALPACA), "--model", str(tiny.tiny_model("llama")),
+                 "--template", "llama-3", "--output-dir", str(out)])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_nan_loss_stops_with_the_doctors_cause(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tunefix.errors import TunefixError
+    from tunefix.train.trainer import train
+
+    model_dir = tmp_path / "broken"
+    shutil.copytree(tiny.tiny_model("llama"), model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TunefixError) as err:
+        train(_cfg(tmp_path, model=str(model_dir), max_steps=3))
+    assert "nan" in err.value.message.lower() and "nonfinite-weights" in (err.value.hint or "")
