@@ -72,6 +72,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from tunefix.chat import run_chat
+
+    return run_chat(args)
+
+
 def _cmd_data_preview(args: argparse.Namespace) -> int:
     from tunefix.data.preview import run_preview
 
@@ -102,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the built-in default (SmolLM2 + Titanic)")
     demo.add_argument("--model", help="model to use instead of the built-in SmolLM2-135M-Instruct")
-    demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--data", help="your data file instead of the built-in Titanic CSV")
+    demo.add_argument("--merge", help="merge template over your table's columns")
+    demo.add_argument("--answer", help="the answer column or template (e.g. {alive})")
+    demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo; never overwritten)")
+    demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
+    demo.add_argument("--rows", type=int, help="use only the first N rows (quick runs)")
+    demo.add_argument("--no-export", action="store_true", help="stop after training and evaluation")
     demo.set_defaults(handler=_cmd_demo)
 
     tr = sub.add_parser("train", help="fine-tune with LoRA (or continued pretraining) from a YAML config",
@@ -126,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=_cmd_eval)
+
+    ch = sub.add_parser("chat", help="chat with a run, a model directory or a GGUF file")
+    ch.add_argument("target", metavar="MODEL|RUN_DIR|GGUF")
+    ch.add_argument("--prompt", help="one-shot: answer this prompt and exit (greedy)")
+    ch.add_argument("--system", help="system prompt (default: the template's)")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.set_defaults(handler=_cmd_chat)
 
     data_p = sub.add_parser("data", help="look at training data as the model will see it")
     dsub = data_p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)

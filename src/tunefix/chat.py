@@ -1,0 +1,150 @@
+"""``tunefix chat``: talk to a run, a model directory or a GGUF file in the terminal.
+
+Each backend renders the conversation with the template the model was trained with,
+tokenises it with exactly one BOS, and stops on the template's stop tokens; so a run and
+its exported GGUF answer the same prompt with the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tunefix.errors import TunefixError
+
+
+class TorchChat:
+    """A PyTorch model (a run with its adapter, or a model directory)."""
+
+    def __init__(self, model, tokenizer, template):
+        self.model, self.tok, self.template = model, tokenizer, template
+
+    @property
+    def default_system(self) -> str | None:
+        return self.template.default_system
+
+    def answer(self, messages: list[dict], max_new_tokens: int = 256) -> tuple[str, bool]:
+        from tunefix.train.evaluate import generate_answers
+
+        answers, stopped = generate_answers(self.model, self.tok, self.template, [messages],
+                                            max_new_tokens=max_new_tokens, batch_size=1)
+        return answers[0], stopped[0]
+
+
+class LlamaChat:
+    """A GGUF file in llama.cpp: its embedded template (or the export's record), its stops."""
+
+    def __init__(self, gguf: Path, n_ctx: int = 2048):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False, n_threads=1)
+        record = _export_template(gguf)
+        meta = self.llm.metadata
+        self.jinja = record["jinja"] if record else meta.get("tokenizer.chat_template")
+        if not self.jinja:
+            raise TunefixError(f"{gguf} carries no chat template", "Export it with tunefix, or pass a model directory")
+        self.default_system = record.get("default_system") if record else None
+        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self.bos_text = self._piece(self.llm.token_bos())
+        self.eos_text = self._piece(self.llm.token_eos())
+        self.eog = _eog_ids(self.llm)
+
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        from tunefix.templates.render import render_jinja
+
+        text = render_jinja(self.jinja, messages, add_generation_prompt=True, bos_token=self.bos_text,
+                            eos_token=self.eos_text)
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        bos = self.llm.token_bos()
+        if self.add_bos and bos >= 0 and ids[:1] != [bos]:
+            ids = [bos] + ids  # one BOS, as in training
+        return ids
+
+    def answer(self, messages: list[dict], max_new_tokens: int = 256) -> tuple[str, bool]:
+        ids = self.prompt_ids(messages)
+        self.llm.reset()
+        out: list[int] = []
+        stopped = False
+        for token in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if token in self.eog:
+                stopped = True
+                break
+            out.append(token)
+            if len(out) >= max_new_tokens:
+                break
+        return self.llm.detokenize(out).decode("utf-8", errors="replace"), stopped
+
+
+def _eog_ids(llm) -> set[int]:
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return {i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
+
+def _export_template(gguf: Path) -> dict | None:
+    """The template record of a tunefix export (export.json next to the file), if any."""
+    for manifest in (gguf.parent / "export.json", gguf.parent.parent / "export.json"):
+        if manifest.exists():
+            data = json.loads(manifest.read_text())
+            template = data.get("template")
+            if isinstance(template, dict) and template.get("jinja"):
+                return template
+    return None
+
+
+def open_chat(target: str) -> Any:
+    path = Path(target)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TunefixError(f"{path}: no such file")
+        from tunefix.doctor.subject import load_gguf  # validates the file with one-line errors
+
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                load_gguf(path)
+        return LlamaChat(path)
+    if (path / "summary.json").exists():
+        from tunefix.train.run import load_run
+
+        model, tok, template, _ = load_run(path)
+        return TorchChat(model, tok, template)
+    from tunefix.model.load import load_model
+    from tunefix.templates import template_for
+
+    model, tok = load_model(target, report=None)
+    model.eval()
+    return TorchChat(model, tok, template_for(tok))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    bot = open_chat(args.target)
+    system = args.system if args.system is not None else None
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if args.prompt is not None:
+        text, _ = bot.answer(history + [{"role": "user", "content": args.prompt}], args.max_new_tokens)
+        print(text)
+        return 0
+    console.print("tunefix chat: empty line or Ctrl-D to quit", style="dim")
+    while True:
+        try:
+            line = console.input("[bold]you>[/] ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        text, stopped = bot.answer(history, args.max_new_tokens)
+        history.append({"role": "assistant", "content": text})
+        console.print(f"[bold]model>[/] {text}" + ("" if stopped else " [dim](length limit)[/]"))
+    return 0
