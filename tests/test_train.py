@@ -199,3 +199,33 @@ def test_nan_loss_stops_with_the_doctors_cause(tmp_path):
     with pytest.raises(TunefixError) as err:
         train(_cfg(tmp_path, model=str(model_dir), max_steps=3))
     assert "nan" in err.value.message.lower() and "nonfinite-weights" in (err.value.hint or "")
+
+
+def test_packed_rows_do_not_see_each_other():
+    from transformers import AutoModelForCausalLM
+
+    from tunefix.data import pack
+    from tunefix.train.trainer import Collator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.tiny_model("llama"), dtype=torch.float32).eval()
+    rows = [{"input_ids": [128000, 9906, 1917, 0, 473], "labels": [-100, 9906, 1917, 0, 473]},
+            {"input_ids": [128000, 22, 33, 44], "labels": [-100, 22, 33, 44]},
+            {"input_ids": [128000, 7, 8], "labels": [-100, 7, 8]}]
+    packs = pack(rows, max_seq_length=9)
+    assert [p["seq_lens"] for p in packs] == [[5, 4], [3]]
+    batch = Collator(pad_id=0)(packs)
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits
+        alone = [model(torch.tensor([r["input_ids"]])).logits[0] for r in rows]
+    torch.testing.assert_close(packed[0, :5], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed[0, 5:9], alone[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed[1, :3], alone[2], rtol=1e-4, atol=1e-4)
+
+
+def test_training_with_packing(tmp_path):
+    from tunefix.train.trainer import train
+
+    result = train(_cfg(tmp_path, packing=True, max_steps=2, max_seq_length=96))
+    assert len(result.losses) == 2 and all(v == v for _, v in result.losses)  # finite, not NaN
+    assert result.train_rows < 8  # the 8 rows were packed into fewer sequences

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,13 +52,19 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def prepare_data(cfg: RunConfig, tokenizer):
-    """Rows of the config's data: (template, train conversations, eval conversations)."""
+def load_rows(cfg: RunConfig):
+    """The config's data, standardised (no model needed): a ``tunefix.data.Prepared``."""
     from tunefix.data import prepare
+
+    return prepare(cfg.data, fmt=cfg.format, merge=cfg.merge, output=cfg.output, system=cfg.system,
+                   limit=cfg.limit_rows, seed=cfg.seed)
+
+
+def prepare_data(cfg: RunConfig, tokenizer, prepared=None):
+    """Rows of the config's data: (template, train conversations, eval conversations)."""
     from tunefix.templates import template_for
 
-    prepared = prepare(cfg.data, fmt=cfg.format, merge=cfg.merge, output=cfg.output, system=cfg.system,
-                       limit=cfg.limit_rows, seed=cfg.seed)
+    prepared = prepared if prepared is not None else load_rows(cfg)
     template = template_for(tokenizer, cfg.template) if prepared.kind == "chat" else None
     train_rows, eval_rows = split_rows(prepared.rows, cfg.eval_fraction, cfg.seed)
     return template, train_rows, eval_rows
@@ -76,12 +83,19 @@ def tokenize(cfg: RunConfig, tokenizer, template, rows: list, *, warn: bool = Tr
     if warn and cfg.packing and cfg.max_seq_length > 8 * longest and cfg.max_seq_length > 512:
         log.warning("--max-seq-length %d is far beyond the longest row (%d tokens); it only wastes "
                     "memory when packing", cfg.max_seq_length, longest)
-    rows = pack(out.rows, cfg.max_seq_length) if cfg.packing else out.rows
-    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    if cfg.packing:
+        return pack(out.rows, cfg.max_seq_length)  # with position_ids and seq_lens per pack
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in out.rows]
 
 
 class Collator:
-    """Dynamic padding to the longest row of the batch; labels padded with -100."""
+    """Dynamic padding to the longest row of the batch; labels padded with -100.
+
+    Packed rows (``seq_lens`` present) get a 4-D block-diagonal causal mask (B, 1, T, T)
+    and positions restarting at 0 for every row, so no row attends to its neighbours.
+    Measured: transformers' sdpa path ignores restarting ``position_ids`` alone (packed
+    logits differ from the rows' own), while an explicit boolean 4-D mask is honoured.
+    """
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -98,7 +112,31 @@ class Collator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "seq_lens" in rows[0]:
+            batch.update(packed_mask(rows, width))
+        return batch
+
+
+def packed_mask(rows: list[dict], width: int) -> dict:
+    """Block-diagonal causal attention and per-row positions for packed sequences."""
+    import torch
+
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    masks, positions = [], torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        segment = torch.full((width,), -1, dtype=torch.long)  # -1: padding, attends nowhere
+        start = 0
+        for k, n in enumerate(r["seq_lens"]):
+            segment[start:start + n] = k
+            positions[i, start:start + n] = torch.arange(n)
+            start += n
+        same = (segment[:, None] == segment[None, :]) & (segment[:, None] >= 0)
+        masks.append(causal & same)
+    mask = torch.stack(masks)[:, None]  # (B, 1, T, T) bool
+    # A padding query row with no key at all would give NaN in softmax: let it see itself.
+    mask |= torch.eye(width, dtype=torch.bool)[None, None]
+    return {"attention_mask": mask, "position_ids": positions}
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -180,12 +218,76 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a run, to resume a non-run, or to write where nothing can be."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir} is a file, not a directory",
+                           f"Choose another {RunConfig.option('output_dir')}")
+    for parent in run_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir}: {parent} is a file",
+                                   f"Choose an {RunConfig.option('output_dir')} under a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir}: cannot write in {parent}",
+                                   f"Choose an {RunConfig.option('output_dir')} you can write to")
+            break
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise TunefixError(f"run directory {run_dir} already exists",
                            f"Pass {RunConfig.option('resume')} to continue it, or choose another "
                            f"{RunConfig.option('output_dir')}")
-    if resume and not (run_dir / "checkpoints").exists():
-        raise TunefixError(f"{run_dir} has no checkpoints to resume from")
+    if resume and not (run_dir / "config.json").is_file():
+        raise TunefixError(f"{run_dir} is not a tunefix run to resume (no config.json)",
+                           f"Pass the {RunConfig.option('output_dir')} of an interrupted `tunefix train`")
+
+
+# What a checkpoint written by transformers' Trainer holds once complete. Trainer writes
+# them in place, not atomically (weights, optimizer, scheduler, RNG, then trainer_state.json
+# last), so a process killed mid-save leaves a directory that looks like a checkpoint but is
+# not one. Resume uses the newest complete one and deletes the incomplete ones (ours, and
+# useless), instead of transformers' "highest number wins".
+_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+_WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
+
+
+def checkpoint_complete(path: Path) -> bool:
+    if not all((path / name).is_file() for name in _CHECKPOINT_FILES):
+        return False
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        return False
+    if not any(path.glob("rng_state*.pth")):
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return f"checkpoint-{state.get('global_step')}" == path.name
+
+
+def last_complete_checkpoint(checkpoints: Path, *, clean: bool = False) -> Path | None:
+    """The newest complete ``checkpoint-N`` under ``checkpoints``; ``clean`` removes broken ones."""
+    import shutil
+
+    found = []
+    for p in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else ():
+        suffix = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and suffix.isdigit():
+            found.append((int(suffix), p))
+    best = None
+    for _, p in sorted(found, reverse=True):
+        if checkpoint_complete(p):
+            best = best or p
+        elif clean and best is None:  # newer than every complete one: a save cut short
+            log.warning("removing %s: an incomplete checkpoint (the run was killed while saving)", p)
+            shutil.rmtree(p)
+    return best
+
+
+def _remove_partials(run_dir: Path) -> None:
+    """Leftovers of atomic writes cut short (``.name.XXXX.partial``); never under a final name."""
+    import shutil
+
+    for p in run_dir.glob(".*.partial"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def train(cfg: RunConfig, *, console=None) -> RunResult:
@@ -203,17 +305,35 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     cfg.validate()
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, cfg.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "extra"})
+    # Every check that can fail on the user's input runs before the run directory is
+    # created: a mistake leaves nothing behind. Data and template name first (no model).
+    prepared = load_rows(cfg)
+    if cfg.template:
+        from tunefix.templates import get_template
+
+        get_template(cfg.template)
 
     fixes: list[str] = []
     model, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit,
-                            template=None, trust_remote_code=cfg.trust_remote_code, report=fixes.append)
+                            template=None, trust_remote_code=cfg.trust_remote_code,
+                            allow_pickle=cfg.allow_pickle, report=fixes.append)
     for line in fixes:
         (console.print if console else print)(line)
-    template, train_conv, eval_conv = prepare_data(cfg, tok)
+    template, train_conv, eval_conv = prepare_data(cfg, tok, prepared)
     train_rows = tokenize(cfg, tok, template, train_conv)
     eval_rows = tokenize(cfg, tok, template, eval_conv, warn=False) if eval_conv else []
+    checkpoint = None
+    if cfg.resume:
+        _remove_partials(run_dir)
+        checkpoint = last_complete_checkpoint(run_dir / "checkpoints", clean=True)
+        if checkpoint is None:
+            log.warning("%s has no complete checkpoint yet: training starts from step 0", run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TunefixError(f"cannot create the run directory {run_dir} ({e.strerror or e})",
+                           f"Choose another {RunConfig.option('output_dir')}") from None
+    _write_json(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "extra"})
     torch.manual_seed(cfg.seed)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
@@ -232,8 +352,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs
     loss_log.trainer = trainer
-    resume = cfg.resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.bad_step is not None:
         raise TunefixError(f"the loss became {stop.bad_value} at step {stop.bad_step}; training stopped",
                            likely_cause(model, tok, cfg))
