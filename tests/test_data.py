@@ -149,3 +149,19 @@ def test_missing_output_column_lists_columns():
     with pytest.raises(TunefixError) as err:
         prepare(TITANIC, merge=MERGE)
     assert "Available columns: survived" in err.value.one_line()
+
+
+def test_tsv_and_parquet_load_like_csv(tmp_path):
+    import pandas as pd
+
+    from tunefix.data import prepare
+
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi"},
+            {"instruction": "Add", "input": "2 and 3", "output": "5"}]
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "d.tsv", sep="\t", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.tsv", "d.parquet"):
+        prepared = prepare(tmp_path / name)
+        assert prepared.format == "alpaca" and len(prepared.rows) == 2, name
+        assert prepared.rows[1][-1] == {"role": "assistant", "content": "5"}
