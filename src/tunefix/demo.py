@@ -136,9 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     export_dir = None
     files: list[Path] = [result.run_dir / "adapter", result.run_dir / "loss.png", result.run_dir / "metrics.jsonl"]
-    if not args.no_export and not _has_export():
-        console.print("export is not available in this build: stopping after training")
-    elif not args.no_export:
+    if not args.no_export:
         export_dir, exported, ollama_cmd = _export(console, result.run_dir)
         files += exported
         console.rule("7. the same questions in llama.cpp (from the exported files)")
@@ -162,19 +160,19 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_export() -> bool:
-    from tunefix._optional import has_module
-
-    return has_module("tunefix.export.pipeline")
-
-
 def _export(console: Console, run_dir: Path) -> tuple[Path, list[Path], str]:
-    from tunefix.export.pipeline import export_run
+    from tunefix.export.pipeline import ExportOptions, RichStages, export, result_table
 
     console.rule("6. export: GGUF (f16, q8_0) + Ollama Modelfile, verified in llama.cpp")
     out = free_dir(run_dir.parent / f"{run_dir.name}-export")
-    report = export_run(run_dir, out, types=["f16", "q8_0"], ollama=True, verify=True, console=console)
-    return out, report.files, report.ollama_command
+    result = export(run_dir, out, ExportOptions(gguf=["f16", "q8_0"], ollama=True, verify=True),
+                    RichStages(console))
+    manifest = result.manifest
+    console.print(result_table(result.out, manifest["files"], manifest.get("verification")))
+    console.print(f"conversions HF -> GGUF: {result.conversions} (q8_0 quantised from the f16 file)")
+    files = [result.out / f["path"] for f in manifest["files"]]
+    command = f"cd {result.out} && ollama create {run_dir.name} -f Modelfile"
+    return result.out, files, command
 
 
 def _llama_accuracy(gguf: Path, conversations) -> float:

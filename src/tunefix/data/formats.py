@@ -61,6 +61,10 @@ def _from_list(items: Sequence[Mapping[str, Any]], role_key: str, content_key: s
                roles: Mapping[str, str] | None) -> Conversation:
     out = []
     for item in items:
+        if not isinstance(item, Mapping):
+            raise TunefixError(f"a conversation holds {type(item).__name__} {str(item)[:40]!r} where a message "
+                               f"({{{role_key}, {content_key}}}) belongs",
+                               "Write every message as an object with a role and a content")
         role = str(item.get(role_key, "")).lower()
         role = roles.get(role, role) if roles else role
         if role not in ("system", "user", "assistant"):

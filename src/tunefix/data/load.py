@@ -20,8 +20,18 @@ _KINDS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".nd
           ".parquet": "parquet", ".txt": "text"}
 
 
-def _text(path: Path) -> str:
-    data = path.read_bytes()
+# One row (a CSV/TSV record, a JSONL or text line) larger than this is refused: it is far
+# beyond any context length (rows are truncated to max_seq_length tokens) and is more likely
+# a file without line breaks or a binary file than a training example.
+MAX_ROW_BYTES = 16 * 1024 * 1024
+
+
+def _text(path: Path, rows_are_lines: bool = True) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TunefixError(f"cannot read {path} ({e.strerror or e})",
+                           "Check the path and its permissions") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -30,15 +40,47 @@ def _text(path: Path) -> str:
                            "Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from e
     if not text.strip():
         raise TunefixError(f"{path}: the file is empty", "Give a file with a header row and data rows")
+    if rows_are_lines and len(text) > MAX_ROW_BYTES:
+        _check_row_sizes(path, text)
     return text
 
 
+def _check_row_sizes(path: Path, text: str) -> None:
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if len(line) > MAX_ROW_BYTES:
+            raise TunefixError(f"{path}:{line_no}: one line of {len(line) / 2**20:.0f} MiB, over tunefix's "
+                               f"{MAX_ROW_BYTES // 2**20} MiB limit for a row",
+                               "Split it into smaller rows (each row is truncated to --max-seq-length tokens anyway)")
+
+
 def _check_table(path: Path, delimiter: str) -> list[str]:
-    rows = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
-    header = next(rows)
+    text = _text(path)
+    # The csv module's cell limit (128 KiB) is process-wide state: raised for this read only.
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_ROW_BYTES)
+    try:
+        return _check_rows(path, csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    except csv.Error as e:
+        raise TunefixError(f"{path}: not a readable {'CSV' if delimiter == ',' else 'TSV'} file ({e})",
+                           "Fix the quoting, or split rows over "
+                           f"{MAX_ROW_BYTES // 2**20} MiB") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _check_rows(path: Path, rows) -> list[str]:
+    header = next(rows, None)
+    if not header:
+        raise TunefixError(f"{path}:1: the first line is empty; expected a header row", "Put the column names first")
     n = len(header)
     if any(not h.strip() for h in header):
         raise TunefixError(f"{path}:1: the header has an empty column name", "Name every column")
+    seen: set[str] = set()
+    for h in header:
+        if h in seen:
+            raise TunefixError(f"{path}:1: the column {h!r} appears twice in the header",
+                               "Give every column its own name")
+        seen.add(h)
     count = 0
     for row in rows:
         if not row:
@@ -53,17 +95,36 @@ def _check_table(path: Path, delimiter: str) -> list[str]:
 
 
 def _check_json(path: Path, kind: str) -> None:
-    text = _text(path)
+    text = _text(path, rows_are_lines=False)
     if kind == "jsonl" or (kind == "json" and not text.lstrip().startswith("[")
                            and text.count("\n") > 1 and text.lstrip().startswith("{")):
+        if len(text) > MAX_ROW_BYTES:
+            _check_row_sizes(path, text)
         for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                _parse(path, line, i)
+            if line.strip() and not isinstance(_parse(path, line, i), dict):
+                raise TunefixError(f"{path}:{i}: a JSON Lines row must be an object ({{...}})",
+                                   "Write one JSON object per line")
         return
     data = _parse(path, text, None)
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
         raise TunefixError(f"{path}: expected a JSON list of objects (one per example) or JSON Lines",
                            "Write [{...}, {...}] or one object per line")
+
+
+def _check_parquet(path: Path) -> None:
+    """Parquet files start and end with b"PAR1"; checked here so that pyarrow's own log line
+    about a bad footer never reaches the user's terminal."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(size - 4, 0))
+            tail = f.read(4)
+    except OSError as e:
+        raise TunefixError(f"cannot read {path} ({e.strerror or e})", "Check the path and its permissions") from None
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        raise TunefixError(f"{path} is not a Parquet file (no PAR1 magic at its start and end)",
+                           "The file is truncated or in another format: write it again, or rename it")
 
 
 def _parse(path: Path, text: str, line: int | None) -> Any:
@@ -72,6 +133,9 @@ def _parse(path: Path, text: str, line: int | None) -> Any:
     except json.JSONDecodeError as e:
         where = line if line is not None else e.lineno
         raise TunefixError(f"{path}:{where}: invalid JSON: {e.msg}", "Fix the JSON syntax") from e
+    except RecursionError:
+        raise TunefixError(f"{path}{'' if line is None else f':{line}'}: JSON nested too deeply to read",
+                           "Flatten the structure") from None
 
 
 def _kind(path: Path, fmt: str | None) -> str:
@@ -106,6 +170,8 @@ def load_table(source: str | Path, fmt: str | None = None):
         _check_json(path, kind)
     elif kind == "text":
         _text(path)
+    elif kind == "parquet":
+        _check_parquet(path)
     builder = _jsonl_kind(path, kind)
     kwargs: dict[str, Any] = {}
     if kind in ("csv", "tsv"):
@@ -136,13 +202,32 @@ def _load_disk(path: Path):
 
 
 def _load_hub(name: str):
+    """A hub dataset id found in the local Hugging Face cache (tunefix works offline).
+
+    Resolved with huggingface_hub's cache lookup (no network), then its data files are read
+    like local files: the train files when the repository names them, else all of one kind.
+    """
+    if name.count("/") != 1 or name.startswith((".", "/")) or Path(name).suffix:
+        raise TunefixError(f"{name}: no such file or directory", "Check the path (and the current directory)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        local = Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise TunefixError(f"{name}: no such file, and not a dataset in the local Hugging Face cache",
+                           "Give a local file, or download the dataset once where you are online") from None
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix.lower() in _KINDS)
+    train = [p for p in files if "train" in p.relative_to(local).as_posix().lower()]
+    chosen = train or files
+    if not chosen:
+        raise TunefixError(f"{name}: the cached dataset holds no data file tunefix reads",
+                           f"Expected one of {', '.join(_KINDS)}")
+    kinds = {p.suffix.lower() for p in chosen}
+    if len(kinds) > 1:
+        chosen = [p for p in chosen if p.suffix.lower() == sorted(kinds)[0]]
+    if len(chosen) == 1:
+        return load_table(chosen[0])
     import datasets
 
-    if name.count("/") > 1 or name.startswith((".", "/")) or Path(name).suffix:
-        raise TunefixError(f"{name}: no such file or directory")
-    try:
-        return datasets.load_dataset(name, split="train")
-    except Exception as e:  # offline: anything not in the local cache fails here
-        raise TunefixError(f"{name}: no such file, and not a hub dataset in the local cache "
-                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
-                           "Give a local file, or download the dataset while online first") from e
+    return datasets.concatenate_datasets([load_table(p) for p in chosen])

@@ -22,8 +22,10 @@ def load_tokenizer(model: str | None) -> Any:
         raise TunefixError(f"{path}: not a model or tokenizer directory", "Give a Hugging Face directory with --model")
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise TunefixError(f"{path}: no tokenizer could be loaded ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # transformers raises many types for a missing or bad tokenizer
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TunefixError(f"{path}: no tokenizer could be loaded ({first[:160]})",
+                           "Give a model or tokenizer directory with --model") from e
 
 
 def marked_text(text: str, spans: list[tuple[int, int]]) -> str:
@@ -43,9 +45,18 @@ def run_preview(args: argparse.Namespace) -> int:
     from tunefix.templates import template_for
 
     datasets.disable_progress_bars()  # keep stderr for the one-line errors
-    tokenizer = load_tokenizer(args.model)
+    for name, value, least in (("--rows", args.rows, 0), ("--turns", args.turns, 1),
+                               ("--max-seq-length", args.max_seq_length, 1)):
+        if value < least:
+            raise TunefixError(f"{name} must be at least {least}, got {value}")
+    # The cheap checks first: the data and the template name, then the tokenizer.
     prepared = prepare(args.file, fmt=args.format, merge=args.merge, output=args.output,
                        system=args.system, turns=args.turns)
+    if args.template:
+        from tunefix.templates import get_template
+
+        get_template(args.template)
+    tokenizer = load_tokenizer(args.model)
     template = template_for(tokenizer, args.template) if prepared.kind == "chat" else None
     done = tokenize_rows(tokenizer, template, prepared.rows, max_seq_length=args.max_seq_length)
     print(f"format: {prepared.format}   template: {template.name if template else '(raw text)'}   "

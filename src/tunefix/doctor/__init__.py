@@ -32,8 +32,12 @@ CHECKS = [
 __all__ = ["CHECKS", "Finding", "Report", "examine", "apply_fixes", "write_fixed"]
 
 
-def examine(model_or_path, tokenizer=None, template: str | None = None, data: str | None = None) -> Report:
-    """Run every check. ``model_or_path``: a path/hub id, or a model in memory (with ``tokenizer``)."""
+def examine(model_or_path, tokenizer=None, template: str | None = None, data: str | None = None, *,
+            trust_remote_code: bool = False, allow_pickle: bool = False) -> Report:
+    """Run every check. ``model_or_path``: a path/hub id, or a model in memory (with ``tokenizer``).
+
+    ``trust_remote_code``/``allow_pickle``: the opt-ins for model files that can run code.
+    """
     from tunefix.doctor.probe import Probe
     from tunefix.doctor.subject import (
         from_model,
@@ -43,7 +47,8 @@ def examine(model_or_path, tokenizer=None, template: str | None = None, data: st
     )
 
     if isinstance(model_or_path, str) or hasattr(model_or_path, "__fspath__"):
-        subject = load_subject(model_or_path, template=template, data=data)
+        subject = load_subject(model_or_path, template=template, data=data,
+                               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     else:
         subject = from_model(model_or_path, tokenizer)
         if template:
@@ -66,7 +71,9 @@ def apply_fixes(model, tokenizer, report: Report, template: str | None = None, d
     return _apply(model, tokenizer, report, template=template, data_texts=data_texts)
 
 
-def write_fixed(model_path: str, out_dir: str, report: Report, force: bool = False) -> list[str]:
+def write_fixed(model_path: str, out_dir: str, report: Report, force: bool = False, *,
+                trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
     from tunefix.doctor.repair import write_fixed as _write
 
-    return _write(model_path, out_dir, report, force=force)
+    return _write(model_path, out_dir, report, force=force, trust_remote_code=trust_remote_code,
+                  allow_pickle=allow_pickle)

@@ -44,10 +44,19 @@ def run_doctor(args: argparse.Namespace) -> int:
     from tunefix.doctor import examine, write_fixed
 
     console = Console(highlight=False)
-    report = examine(args.model, template=args.template, data=args.data)
+    trust, pickle_ok = getattr(args, "trust_remote_code", False), getattr(args, "allow_pickle", False)
+    if args.fix:  # refuse an unusable output before the (slow) examination
+        from pathlib import Path
+
+        from tunefix.doctor.repair import check_out_dir
+
+        check_out_dir(Path(args.fix).expanduser(), args.force)
+    report = examine(args.model, template=args.template, data=args.data, trust_remote_code=trust,
+                     allow_pickle=pickle_ok)
     fixed_lines: list[str] = []
     if args.fix:
-        fixed_lines = write_fixed(args.model, args.fix, report, force=args.force)
+        fixed_lines = write_fixed(args.model, args.fix, report, force=args.force, trust_remote_code=trust,
+                                  allow_pickle=pickle_ok)
     if args.json:
         out = report.to_dict()
         if args.fix:

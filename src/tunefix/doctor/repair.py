@@ -11,6 +11,12 @@ from tunefix.errors import TunefixError
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
+    for parent in out_dir.absolute().parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise TunefixError(f"--fix {out_dir}: {parent} is a file, not a directory",
+                                   "Choose an output directory under a directory")
+            break
     if out_dir.exists():
         if not out_dir.is_dir() or any(out_dir.iterdir()):
             raise TunefixError(f"{out_dir} already exists and is not empty",
@@ -19,7 +25,7 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
             raise TunefixError(f"{out_dir} already exists", "Pass --force to write into an empty directory")
 
 
-def load_for_fix(path: Path):
+def load_for_fix(path: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False):
     """The whole model and tokenizer, in the checkpoint's own dtype."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,19 +40,26 @@ def load_for_fix(path: Path):
         model.load_state_dict(loaded.state_dict(), strict=False)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return model, tok
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    from tunefix.doctor.subject import check_model_code, weights_kind
+
+    check_model_code(path, trust_remote_code)
+    safetensors = weights_kind(path, allow_pickle) == "safetensors"
+    # weights_only=True: pickle weights (opted in) may hold tensors and plain containers only.
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=safetensors,
+                                                 weights_only=True, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tok
 
 
-def write_fixed(model_path: str, out_dir: str, report: Report, force: bool = False) -> list[str]:
+def write_fixed(model_path: str, out_dir: str, report: Report, force: bool = False, *,
+                trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
     from tunefix.doctor.fixes import apply_fixes
 
     out = Path(out_dir).expanduser()
     check_out_dir(out, force)
     subject = report.subject  # type: ignore[attr-defined]
     src = subject.path
-    model, tok = load_for_fix(src)
+    model, tok = load_for_fix(src, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     lines = apply_fixes(model, tok, report, template=subject.template, data_texts=subject.data_texts)
     if out.exists():  # empty and --force: atomic_dir needs the final name free
         out.rmdir()

@@ -63,13 +63,18 @@ class _SafetensorsRows(RowMatrix):
         import torch
 
         row_bytes = self.shape[1] * self._itemsize
-        buf = bytearray((stop - start) * row_bytes)
-        with open(self._file, "rb") as f:
+        n = (stop - start) * row_bytes
+        # One raw buffer per matrix, reused by every read (a fresh zero-filled 64 MB
+        # bytearray per block cost more than the read itself).
+        raw = getattr(self, "_raw", None)
+        if raw is None or raw.numel() < n:
+            raw = self._raw = torch.empty(n, dtype=torch.uint8)
+        view = raw[:n]
+        with open(self._file, "rb", buffering=0) as f:
             f.seek(self._begin + start * row_bytes)
-            if f.readinto(buf) != len(buf):
+            if f.readinto(view.numpy()) != n:
                 raise TunefixError(f"{self._file} is truncated", "Download or save the checkpoint again")
-        t = torch.frombuffer(buf, dtype=getattr(torch, self._dtype))
-        return t.reshape(stop - start, self.shape[1]).float()
+        return view.view(getattr(torch, self._dtype)).reshape(stop - start, self.shape[1]).float()
 
 
 def read_safetensors_header(file: Path) -> tuple[dict, int]:
@@ -83,6 +88,9 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
     except (OSError, ValueError) as e:
         raise TunefixError(f"{file} is not a readable safetensors file ({e})",
                            "The file is truncated or corrupt: download or save it again") from None
+    if not isinstance(header, dict):
+        raise TunefixError(f"{file} is not a readable safetensors file (its header is not a JSON object)",
+                           "The file is truncated or corrupt: download or save it again")
     header.pop("__metadata__", None)
     return header, 8 + n
 
@@ -191,17 +199,105 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise TunefixError(f"{path} is not readable JSON ({e.__class__.__name__}: {e})") from None
+        raise TunefixError(f"{path} is not readable JSON ({e.__class__.__name__}: {e})",
+                           "Fix the file, or download or save the model again") from None
+
+
+# ------------------------------------------------------------------ untrusted model files
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def weights_kind(directory: Path, allow_pickle: bool) -> str:
+    """"safetensors", or "pickle" when only pickle weights exist and the user opted in.
+
+    Pickle files (``pytorch_model.bin``, ``*.pt``) can run arbitrary code when unpickled;
+    they are refused unless ``--allow-pickle`` is given, and then read with torch's
+    ``weights_only=True`` loader, which accepts tensors and plain containers only.
+    """
+    if any(directory.glob("*.safetensors")):
+        return "safetensors"
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+                     and p.name != "training_args.bin")
+    if not pickles:
+        raise TunefixError(f"{directory} holds no weights (no *.safetensors, no pickle files)",
+                           "Pass the directory that holds the model's *.safetensors files")
+    if not allow_pickle:
+        raise TunefixError(f"{directory} has pickle weights only ({', '.join(pickles[:3])}), which can run "
+                           "code when loaded",
+                           "Convert them to safetensors, or pass --allow-pickle if you trust the files "
+                           "(they are then loaded with weights_only=True)")
+    return "pickle"
+
+
+def check_model_code(directory: Path, trust_remote_code: bool) -> None:
+    """Refuse a model whose config or tokenizer needs Python code shipped with it.
+
+    ``auto_map`` names classes in ``.py`` files of the model repository; transformers runs
+    them with ``trust_remote_code=True``. A config whose ``model_type`` transformers knows
+    loads with the built-in class instead (many repos keep a stale ``auto_map``), so only
+    unknown types count.
+    """
+    if trust_remote_code:
+        return
+    needs: list[str] = []
+    config_file = directory / "config.json"
+    config = _read_json(config_file) if config_file.is_file() else {}
+    if isinstance(config, dict) and config.get("auto_map"):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+            needs.append(f"config.json auto_map {_classes(config['auto_map'])}")
+    tok_file = directory / "tokenizer_config.json"
+    tok_config = _read_json(tok_file) if tok_file.is_file() else {}
+    if isinstance(tok_config, dict) and tok_config.get("auto_map"):
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        name = tok_config.get("tokenizer_class")
+        try:
+            known = bool(name) and tokenizer_class_from_name(str(name)) is not None
+        except Exception:  # an odd name is as unknown as a missing one
+            known = False
+        if not known:
+            needs.append(f"tokenizer_config.json auto_map {_classes(tok_config['auto_map'])}")
+    if needs:
+        raise TunefixError(f"{directory} needs its own Python code to load ({'; '.join(needs)}); "
+                           "tunefix runs no code from model files by default",
+                           "Pass --trust-remote-code if you trust the code in that directory")
+
+
+def _classes(auto_map: Any) -> str:
+    values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    flat = [v for x in values for v in (x if isinstance(x, list) else [x]) if v]
+    return ", ".join(str(v) for v in flat[:3])
+
+
+def load_pickle_weights(directory: Path) -> dict[str, Any]:
+    """Every tensor of a directory's pickle weights, read with ``weights_only=True``."""
+    import torch
+
+    tensors: dict[str, Any] = {}
+    for f in sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin"):
+        try:
+            loaded = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # UnpicklingError for anything beyond tensors, or a broken file
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise TunefixError(f"{f}: refused or unreadable pickle ({first[:160]})",
+                               "The file holds more than tensors or is corrupt; convert the model to "
+                               "safetensors with code you trust") from None
+        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            raise TunefixError(f"{f} holds a {type(loaded).__name__}, not a state dict of tensors")
+        tensors.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    return tensors
 
 
 def _weight_index(directory: Path) -> dict[str, tuple[Path, dict, int]]:
     """Tensor name -> (safetensors file, its header, its data offset); headers only."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
-        hint = ("It has pickle weights only; convert them to safetensors first"
-                if pickles else "Pass the directory that holds the model's *.safetensors files")
-        raise TunefixError(f"{directory} holds no safetensors weights", hint)
+        weights_kind(directory, allow_pickle=False)  # raises with the right message
     out: dict[str, tuple[Path, dict, int]] = {}
     for f in files:
         header, start = read_safetensors_header(f)
@@ -217,13 +313,13 @@ def _find(names: dict[str, Path] | list[str], suffixes: tuple[str, ...]) -> str 
     return None
 
 
-def _load_tokenizer(directory: Path, gguf_file: str | None = None):
+def _load_tokenizer(directory: Path, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         if gguf_file:
             return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-        return AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for a missing/bad tokenizer
         raise TunefixError(f"no usable tokenizer in {directory} ({type(e).__name__}: {str(e)[:120]})",
                            "Put the model's tokenizer files next to its weights") from None
@@ -237,12 +333,18 @@ def _stop_ids_from(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def load_hf_dir(directory: Path) -> Subject:
+def load_hf_dir(directory: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Subject:
     config_file = directory / "config.json"
     if not config_file.exists():
         raise TunefixError(f"{directory} has no config.json, so it is not a Hugging Face model directory",
                            "Pass the directory that holds config.json and the weights")
     config = _read_json(config_file)
+    if not isinstance(config, dict):
+        raise TunefixError(f"{config_file} holds a JSON {type(config).__name__}, not an object",
+                           "Pass a Hugging Face model directory")
+    check_model_code(directory, trust_remote_code)
+    if weights_kind(directory, allow_pickle) == "pickle":
+        return _load_pickle_dir(directory, config, trust_remote_code)
     index = _weight_index(directory)
     embed_key = _find(index, ("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))
     head_key = _find(index, ("lm_head.weight",))
@@ -259,7 +361,7 @@ def load_hf_dir(directory: Path) -> Subject:
     except Exception as e:
         raise TunefixError(f"{directory}: cannot read the weights ({e})",
                            "A safetensors file is truncated or corrupt") from None
-    tok = _load_tokenizer(directory)
+    tok = _load_tokenizer(directory, trust_remote_code=trust_remote_code)
     gen_file = directory / "generation_config.json"
     gen = _read_json(gen_file) if gen_file.exists() else {}
     stops = _stop_ids_from(gen.get("eos_token_id"))
@@ -271,11 +373,101 @@ def load_hf_dir(directory: Path) -> Subject:
                    tensor_names=list(index), path=directory)
 
 
+def _load_pickle_dir(directory: Path, config: dict[str, Any], trust_remote_code: bool) -> Subject:
+    """A subject from pickle weights (opted in): tensors in memory, loaded weights_only."""
+    tensors = load_pickle_weights(directory)
+    embed_key = _find(list(tensors), ("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))
+    if embed_key is None:
+        raise TunefixError(f"{directory}: no input embedding tensor among the weights",
+                           "Is this a causal language model?")
+    head_key = _find(list(tensors), ("lm_head.weight",))
+    norms = [(k, (lambda t=t: t.detach().float().reshape(-1))) for k, t in tensors.items()
+             if "norm" in k and k.endswith(".weight")]
+    tok = _load_tokenizer(directory, trust_remote_code=trust_remote_code)
+    gen_file = directory / "generation_config.json"
+    gen = _read_json(gen_file) if gen_file.exists() else {}
+    stops = _stop_ids_from(gen.get("eos_token_id")) or _stop_ids_from(config.get("eos_token_id"))
+    head = _ModuleRows(head_key, tensors[head_key]) if head_key else None
+    return Subject(name=str(directory), kind="hf", config=config, tokenizer=tok, template=_template_of(tok),
+                   stop_ids=stops, embed=_ModuleRows(embed_key, tensors[embed_key]), lm_head=head,
+                   norms=norms, tensor_names=list(tensors), path=directory)
+
+
 def _template_of(tok) -> str | None:
     template = getattr(tok, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one is trained
         template = template.get("default")
     return template or None
+
+
+# GGUF architectures (general.architecture) of the supported families; Mistral's GGUFs say "llama".
+GGUF_ARCHES = ("llama", "qwen2", "phi3", "gemma", "gemma2", "gemma3")
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(file: Path, max_keys: int = 64) -> str | None:
+    """``general.architecture`` read from the GGUF header alone (no tensor data, no vocab).
+
+    gguf-py's reader parses every key first (16 s on a 151k vocab); the architecture is by
+    convention the first key, so a few reads suffice. None when it cannot be found.
+    """
+    import struct
+
+    def read(f, n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    def skip(f, vtype: int) -> None:
+        if vtype in _GGUF_SCALARS:
+            read(f, _GGUF_SCALARS[vtype])
+        elif vtype == _GGUF_STRING:
+            f.seek(struct.unpack("<Q", read(f, 8))[0], 1)
+        elif vtype == _GGUF_ARRAY:
+            etype, count = struct.unpack("<IQ", read(f, 12))
+            if etype in _GGUF_SCALARS:
+                f.seek(_GGUF_SCALARS[etype] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, etype)
+        else:
+            raise ValueError(vtype)
+
+    try:
+        with open(file, "rb") as f:
+            if read(f, 4) != b"GGUF":
+                return None
+            _version, _tensors, n_kv = struct.unpack("<IQQ", read(f, 20))
+            for _ in range(min(n_kv, max_keys)):
+                key_len = struct.unpack("<Q", read(f, 8))[0]
+                if key_len > 65536:
+                    return None
+                key = read(f, key_len)
+                vtype = struct.unpack("<I", read(f, 4))[0]
+                if key == b"general.architecture" and vtype == _GGUF_STRING:
+                    n = struct.unpack("<Q", read(f, 8))[0]
+                    return read(f, min(n, 256)).decode("utf-8", "replace")
+                skip(f, vtype)
+    except (OSError, EOFError, ValueError, struct.error):
+        return None
+    return None
+
+
+def check_gguf_architecture(file: Path) -> str:
+    """The GGUF's architecture when tunefix supports it; a TunefixError otherwise."""
+    arch = gguf_architecture(file)
+    if arch is None:
+        raise TunefixError(f"{file} is not a readable GGUF file (no general.architecture in its header)",
+                           "The file is truncated or corrupt: download or convert it again")
+    if arch not in GGUF_ARCHES:
+        raise TunefixError(f"{file}: GGUF architecture {arch!r} is not supported",
+                           f"Supported: {', '.join(GGUF_ARCHES)}; for another family pass its Hugging Face "
+                           "directory")
+    return arch
 
 
 def load_gguf(file: Path) -> Subject:
@@ -287,6 +479,7 @@ def load_gguf(file: Path) -> Subject:
         if magic != b"GGUF":
             raise TunefixError(f"{file} is not a GGUF file (it starts with {magic!r})",
                                "Pass a .gguf file written by llama.cpp, or a model directory")
+        check_gguf_architecture(file)
         reader = GGUFReader(str(file))
     except TunefixError:
         raise
@@ -299,6 +492,10 @@ def load_gguf(file: Path) -> Subject:
         return field_.contents() if field_ is not None else default
 
     arch = meta("general.architecture", "")
+    if arch not in GGUF_ARCHES:
+        raise TunefixError(f"{file}: GGUF architecture {arch!r} is not supported",
+                           f"Supported: {', '.join(GGUF_ARCHES)}; for another family pass "
+                           "its Hugging Face directory")
     config: dict[str, Any] = {"model_type": {"phi3": "phi3", "gemma": "gemma"}.get(arch, arch),
                               "gguf_architecture": arch}
     window = meta(f"{arch}.attention.sliding_window")
@@ -332,10 +529,11 @@ def from_model(model, tokenizer, name: str = "model") -> Subject:
                    tensor_names=[n for n, _ in model.named_parameters()])
 
 
-def load_subject(model: str | os.PathLike, template: str | None = None, data: str | None = None) -> Subject:
+def load_subject(model: str | os.PathLike, template: str | None = None, data: str | None = None, *,
+                 trust_remote_code: bool = False, allow_pickle: bool = False) -> Subject:
     path = resolve_model_path(str(model))
     if path.is_dir():
-        subject = load_hf_dir(path)
+        subject = load_hf_dir(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     elif path.suffix == ".gguf":
         subject = load_gguf(path)
     else:
@@ -355,7 +553,8 @@ def read_template_argument(template: str) -> str:
         try:
             return path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise TunefixError(f"cannot read template file {path} ({e})") from None
+            raise TunefixError(f"cannot read template file {path} ({e})",
+                               "Save the template as UTF-8 text, or pass a registry name") from None
     try:
         from tunefix.templates import get_template
     except ImportError:
@@ -368,7 +567,7 @@ def read_template_argument(template: str) -> str:
 def read_data_sample(path: Path, max_bytes: int = 256 * 1024) -> list[str]:
     """The start of a data file, as text: enough to find tokens the model never learned."""
     if not path.is_file():
-        raise TunefixError(f"data file {path} does not exist")
+        raise TunefixError(f"data file {path} does not exist", "Check the --data path")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(max_bytes)

@@ -408,3 +408,109 @@ def stop_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, *, mode
                                 first_divergence(tok, tok.decode(ours), ours, theirs)))
     extra = [f"{i} {tok.convert_ids_to_tokens(i)!r}" for i in sorted(eog - stops)]
     return StopParity(Path(gguf_file).name, max_new_tokens, runs, extra)
+
+
+# ------------------------------------------------------------------------- template
+
+
+@dataclass
+class TemplateParity:
+    checked: int
+    failures: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # conversations the Jinja template refuses
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def raise_if_failed(self) -> None:
+        if self.failures:
+            raise TunefixError(f"the Modelfile TEMPLATE renders differently from the Jinja template: "
+                               f"{self.failures[0]}", f"{len(self.failures)} of {self.checked} conversations differ")
+
+
+def first_char_divergence(jinja: str, go: str) -> str | None:
+    """Where two renderings first part: the character index and both texts around it."""
+    if jinja == go:
+        return None
+    n = next((i for i, (a, b) in enumerate(zip(jinja, go, strict=False)) if a != b), min(len(jinja), len(go)))
+    return (f"character {n}: Jinja {jinja[max(0, n - 12):n + 12]!r}, "
+            f"Ollama {go[max(0, n - 12):n + 12]!r}")
+
+
+def template_conversations() -> list[list[dict[str, str]]]:
+    """With and without system, one and several turns, ending with a user or an assistant turn."""
+    from tunefix.templates.probes import PROBES
+
+    return [list(p) for p in PROBES] + [list(c) for c in CONVERSATIONS]
+
+
+def template_parity(ollama_template: str, tok, *, system: str | None = None, jinja: str | None = None,
+                    conversations: Sequence[Sequence[dict[str, str]]] | None = None) -> TemplateParity:
+    """Render each conversation with Ollama's Go engine and with the Jinja template; compare.
+
+    ``system`` is the Modelfile's SYSTEM: Ollama puts it first when a conversation has no
+    system message, so the Jinja side gets it as a first message then. The Go form never
+    writes BOS (llama.cpp adds it from ``add_bos_token``), so a BOS the Jinja template
+    writes at the start is left out of the comparison.
+    """
+    from tunefix.templates.gorender import render_ollama_many
+    from tunefix.templates.probes import wants_generation_prompt
+    from tunefix.templates.render import render_jinja
+
+    jinja = jinja if jinja is not None else tok.chat_template
+    if not jinja:
+        raise TunefixError("the tokenizer has no chat template to compare the Modelfile TEMPLATE with")
+    # The tokenizer's special tokens as Hugging Face passes them, BOS left out (see above).
+    specials = {k: str(v) for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    specials.update(bos_token="", eos_token=tok.eos_token or "")
+    convs = [list(c) for c in (conversations or template_conversations())]
+    result = TemplateParity(checked=0)
+    jobs, expected, labels = [], [], []
+    for i, msgs in enumerate(convs):
+        full = msgs if not system or msgs[0]["role"] == "system" else [{"role": "system", "content": system}, *msgs]
+        label = f"conversation {i} ({len(msgs)} messages{', system' if msgs[0]['role'] == 'system' else ''})"
+        try:
+            text = render_jinja(jinja, full, add_generation_prompt=wants_generation_prompt(full), **specials)
+        except Exception as e:  # noqa: BLE001 - a template may refuse a conversation (raise_exception)
+            result.skipped.append(f"{label}: {getattr(e, 'message', e)}")
+            continue
+        jobs.append((ollama_template, msgs, system or ""))
+        expected.append(text)
+        labels.append(label)
+    for label, want, got in zip(labels, expected, render_ollama_many(jobs) if jobs else [], strict=True):
+        result.checked += 1
+        where = first_char_divergence(want, got)
+        if where:
+            result.failures.append(f"{label}: {where}")
+    return result
+
+
+# ----------------------------------------------------------------------- LoRA adapter
+
+
+def lora_parity(base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike, model, tok, *,
+                prompts: Sequence[Sequence[int]] | None = None, max_abs: float = 0.25,
+                threads: int | None = None) -> LogitsParity:
+    """llama.cpp with the GGUF adapter on the base GGUF vs PyTorch's base + PEFT adapter.
+
+    ``model`` is the un-merged PEFT model (fp32); ``base_gguf`` a 16/32-bit conversion of
+    the same base weights.
+    """
+    from llama_cpp import Llama
+
+    prompts = [list(p) for p in (prompts or prompt_ids(tok)[:2])]
+    positions = compared = agreed = 0
+    worst, first = 0.0, None
+    kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+    llm = Llama(str(base_gguf), lora_path=str(adapter_gguf), n_ctx=max(map(len, prompts)) + 8,
+                logits_all=True, verbose=False, **kw)
+    try:
+        for ids in prompts:
+            c, a, m, f = _compare(tok, ids, torch_logits(model, ids), llama_logits(llm, ids), 0.0)
+            positions, compared, agreed = positions + len(ids), compared + c, agreed + a
+            worst, first = max(worst, m), first or f
+    finally:
+        llm.close()
+    return LogitsParity(Path(adapter_gguf).name, positions, compared, agreed / compared if compared else 1.0,
+                        worst, first, max_abs)

@@ -56,8 +56,28 @@ def _quantization_config(load_in_4bit: bool):
 
 
 def _from_gguf(path: Path, dtype):
+    try:
+        return _read_gguf(path, dtype)
+    except TunefixError:
+        raise
+    except Exception as e:  # transformers/gguf-py raise many types for a bad or foreign file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TunefixError(f"cannot load {path} as a model ({type(e).__name__}: {first[:160]})",
+                           f"Pass a GGUF of a supported family ({', '.join(SUPPORTED)}) written by "
+                           "llama.cpp, or a Hugging Face directory") from None
+
+
+def _read_gguf(path: Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise TunefixError(f"{path} is not a GGUF file (it starts with {magic!r})",
+                           "Pass a .gguf file written by llama.cpp, or a model directory")
+    from tunefix.doctor.subject import check_gguf_architecture
+
+    check_gguf_architecture(path)  # transformers would load a Mamba GGUF as a Mamba model
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):  # dequantised: plain tensors now
@@ -71,20 +91,24 @@ def _from_gguf(path: Path, dtype):
 
 def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: bool = False,
                dtype: Any = None, template: str | None = None, fix: bool = True,
-               trust_remote_code: bool = False,
+               trust_remote_code: bool = False, allow_pickle: bool = False,
                report: Callable[[str], None] | None = print) -> tuple[Any, Any]:
     """Load a causal LM (HF directory, cached hub id or GGUF) with its silent bugs fixed.
 
     dtype: weight dtype; None keeps fp32 master weights on a CPU (compute runs under bf16
         autocast where the CPU has it) and the checkpoint's dtype on CUDA.
     template: a registry name or file; it becomes the tokenizer's chat template.
+    trust_remote_code: allow Python code shipped with the model (config ``auto_map``);
+        without it such a model is refused with a message naming the flag.
+    allow_pickle: accept pickle weights (``.bin``/``.pt``), read with ``weights_only=True``;
+        without it only safetensors are loaded.
     Every fix the doctor applies is reported as one line through ``report``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tunefix.doctor import apply_fixes, examine
-    from tunefix.doctor.subject import resolve_model_path
+    from tunefix.doctor.subject import check_model_code, resolve_model_path, weights_kind
 
     say = report or (lambda _line: None)
     path = resolve_model_path(name_or_path)
@@ -97,20 +121,34 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
                                "Load the original Hugging Face checkpoint in 4-bit instead")
         model, tok = _from_gguf(path, torch.float32 if dtype == "auto" else dtype)
     else:
+        if not path.is_dir():
+            raise TunefixError(f"{path} is neither a model directory nor a .gguf file",
+                               "Pass a Hugging Face model directory or a .gguf file")
         if not (path / "config.json").exists():
             raise TunefixError(f"{path} has no config.json", "Pass a Hugging Face model directory or a .gguf file")
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        check_model_code(path, trust_remote_code)
+        safetensors = weights_kind(path, allow_pickle) == "safetensors"
+        try:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as e:  # a broken config.json: transformers raises several types
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise TunefixError(f"cannot read {path / 'config.json'} ({first[:160]})",
+                               "Fix or restore the model's config.json") from None
         if config.model_type not in SUPPORTED:
             raise TunefixError(f"model family {config.model_type!r} is not supported yet",
                                f"tunefix supports {', '.join(SUPPORTED)}")
+        quantization = _quantization_config(load_in_4bit)
         try:
+            # weights_only=True: opted-in pickle weights may hold tensors and plain containers only.
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, quantization_config=_quantization_config(load_in_4bit),
-                trust_remote_code=trust_remote_code, use_safetensors=True)
-        except OSError as e:
-            raise TunefixError(f"cannot load {path}: {str(e).splitlines()[0]}",
-                               "tunefix loads safetensors weights only (pickle files can run code)") from None
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+                str(path), dtype=dtype, quantization_config=quantization,
+                trust_remote_code=trust_remote_code, use_safetensors=safetensors, weights_only=True)
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as e:  # truncated/corrupt weights, missing tokenizer files, refused pickles
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise TunefixError(f"cannot load {path} ({type(e).__name__}: {first[:160]})",
+                               "A weights or tokenizer file is missing, truncated or corrupt: "
+                               "download or save the model again") from None
     if template:
         from tunefix.templates import get_template
 

@@ -13,7 +13,7 @@ from tunefix.templates.custom import from_example
 from tunefix.templates.probes import PROBES, wants_generation_prompt
 from tunefix.templates.record import EOS, ChatTemplate
 from tunefix.templates.registry import REGISTRY
-from tunefix.templates.render import Message
+from tunefix.templates.render import Message, compile_jinja
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,16 @@ def get_template(name_or_file: str) -> ChatTemplate:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TunefixError(f"{path}: not UTF-8 text (byte {e.start})", "Save the template as UTF-8") from e
+    except OSError as e:
+        raise TunefixError(f"cannot read template file {path} ({e.strerror or e})") from e
     if "{INPUT}" in text or "{OUTPUT}" in text:
         return from_example(text, name=path.stem)
+    # A Jinja file: checked now, before any model is loaded, rather than at the first row.
+    compile_jinja(text)
+    if "messages" not in text:
+        raise TunefixError(f"{path} is neither a Jinja chat template (it never reads `messages`) nor an "
+                           "example conversation (it has no {INPUT}/{OUTPUT})",
+                           "Write a Jinja template over `messages`, or an example with {INPUT} and {OUTPUT} twice")
     return ChatTemplate(path.stem, text, None, "", (), None, "bos_token" in text, f"Jinja from {path}")
 
 

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 class LossLog(TrainerCallback):
     """Appends every logged metric to metrics.jsonl; keeps (step, loss) pairs for the plot."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
         self.train: list[tuple[int, float]] = []
         self.eval: list[tuple[int, float]] = []
@@ -41,8 +41,9 @@ class LossLog(TrainerCallback):
         if "eval_loss" in logs:
             self.eval.append((step, float(logs["eval_loss"])))
         self.last_logs = logs
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **logs}) + "\n")
+        if self.path is not None:  # None on ranks > 0 of a distributed run
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
 
     def record_eval(self, step: int, loss: float | None) -> None:
         if loss is not None and (not self.eval or self.eval[-1][0] != step):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -70,6 +71,9 @@ class RunConfig:
     resume: bool = False
     """continue from the last checkpoint in output_dir"""
     trust_remote_code: bool = False
+    """run Python code shipped with the model (config auto_map); off: such models are refused"""
+    allow_pickle: bool = False
+    """load pickle weights (.bin/.pt; with torch's weights_only=True); off: safetensors only"""
     limit_rows: int | None = None
     """use only the first N rows of the data (quick runs)"""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -102,6 +106,16 @@ class RunConfig:
             raise TunefixError(f"{o('loss')} must be chunked or reference")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise TunefixError(f"{o('precision')} must be auto, bf16 or fp32")
+        for name in ("warmup_steps", "eval_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise TunefixError(f"{o(name)} must be zero or more, got {getattr(self, name)}")
+        for name in ("lora_alpha", "limit_rows", "embedding_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise TunefixError(f"{o(name)} must be a positive number, got {value}")
+        if self.max_steps < -1 or self.epochs < 0:
+            raise TunefixError(f"{o('max_steps')} must be -1 (use {o('epochs')}) or positive, "
+                               f"and {o('epochs')} not negative")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise TunefixError(f"set {o('epochs')} or {o('max_steps')} to a positive number")
 
@@ -132,7 +146,9 @@ def _coerce(name: str, value: Any) -> Any:
         if "float" in text:
             return float(value)
     except (TypeError, ValueError):
-        raise TunefixError(f"{RunConfig.option(name)}: {value!r} is not a valid {text.replace('typing.', '')}") from None
+        kind = re.sub(r"<class '(\w+)'>", r"\1", text.replace("typing.", ""))
+        raise TunefixError(f"{RunConfig.option(name)}: {value!r} is not a valid {kind}",
+                           f"Give {RunConfig.option(name)} a {kind} value") from None
     return value if isinstance(value, str) or value is None else str(value)
 
 
@@ -160,13 +176,15 @@ def load_config(yaml_file: str | None = None, overrides: list[str] | None = None
 
         path = Path(yaml_file)
         if not path.is_file():
-            raise TunefixError(f"config file {yaml_file}: no such file")
+            raise TunefixError(f"config file {yaml_file}: no such file", "Check the path of the YAML config")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise TunefixError(f"{yaml_file} is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise TunefixError(f"{yaml_file} is not valid YAML ({str(e).splitlines()[0]})",
+                               "Fix the YAML (key: value per line); see examples/*.yaml") from None
         if not isinstance(loaded, dict):
-            raise TunefixError(f"{yaml_file} must hold a mapping of config keys")
+            raise TunefixError(f"{yaml_file} must hold a mapping of config keys",
+                               "Write one `key: value` per line; see examples/*.yaml")
         base = path.parent
         for key in ("data",):  # paths in a config file are relative to the file
             if key in loaded and not Path(str(loaded[key])).is_absolute():

@@ -14,12 +14,20 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
     run_dir = Path(run_dir)
     summary_file = run_dir / "summary.json"
     if not run_dir.is_dir():
-        raise TunefixError(f"run directory {run_dir} does not exist")
+        raise TunefixError(f"run directory {run_dir} does not exist",
+                           "Pass the output_dir of a completed `tunefix train`")
     if not summary_file.exists() or not (run_dir / "adapter").is_dir():
         raise TunefixError(f"{run_dir} is not a finished tunefix run (no summary.json or adapter/)",
                            "Pass the output_dir of a completed `tunefix train`")
-    cfg_data = json.loads((run_dir / "config.json").read_text())
-    return build_config(cfg_data), json.loads(summary_file.read_text())
+    try:
+        cfg_data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        if not isinstance(cfg_data, dict) or not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise TunefixError(f"{run_dir}: config.json or summary.json is unreadable ({e})",
+                           "The run directory is damaged; train again into a new --output-dir") from None
+    return build_config(cfg_data), summary
 
 
 def load_template(run_dir: Path):

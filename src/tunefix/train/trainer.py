@@ -156,6 +156,11 @@ def _trainer_class():
 
             self.tokens_seen += int(inputs["attention_mask"].sum())
             loss = model_loss(model, inputs, num_items_in_batch=num_items_in_batch, impl=self.loss_impl)
+            # num_items_in_batch counts the tokens of all processes; DDP then averages the
+            # gradients over processes, so each loss is scaled back up by their number (as
+            # Trainer's own compute_loss does), or every update would be 1/world_size too small.
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -304,7 +309,9 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     cfg.model = cfg.model or str(assets.smollm2())
     cfg.validate()
     run_dir = Path(cfg.output_dir)
-    check_run_dir(run_dir, cfg.resume)
+    main = is_main_process()  # under torchrun/accelerate only rank 0 owns the run directory
+    if main:
+        check_run_dir(run_dir, cfg.resume)
     # Every check that can fail on the user's input runs before the run directory is
     # created: a mistake leaves nothing behind. Data and template name first (no model).
     prepared = load_rows(cfg)
@@ -324,16 +331,18 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     eval_rows = tokenize(cfg, tok, template, eval_conv, warn=False) if eval_conv else []
     checkpoint = None
     if cfg.resume:
-        _remove_partials(run_dir)
-        checkpoint = last_complete_checkpoint(run_dir / "checkpoints", clean=True)
+        if main:
+            _remove_partials(run_dir)
+        checkpoint = last_complete_checkpoint(run_dir / "checkpoints", clean=main)
         if checkpoint is None:
             log.warning("%s has no complete checkpoint yet: training starts from step 0", run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TunefixError(f"cannot create the run directory {run_dir} ({e.strerror or e})",
-                           f"Choose another {RunConfig.option('output_dir')}") from None
-    _write_json(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "extra"})
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TunefixError(f"cannot create the run directory {run_dir} ({e.strerror or e})",
+                               f"Choose another {RunConfig.option('output_dir')}") from None
+        _write_json(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "extra"})
     torch.manual_seed(cfg.seed)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
@@ -341,12 +350,13 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     apply_checkpointing(model, cfg.gradient_checkpointing)
 
     args = training_arguments(cfg, run_dir, bool(eval_rows))
-    loss_log = LossLog(run_dir / "metrics.jsonl")
+    loss_log = LossLog(run_dir / "metrics.jsonl" if main else None)
     stop = NonFiniteStop()
     trainer_cls = _trainer_class()
+    callbacks = [loss_log, stop] + ([RichProgress(console)] if main else [])
     trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
                           data_collator=Collator(tok.pad_token_id), optimizers=(_optimizer(model, cfg), None),
-                          callbacks=[loss_log, stop, RichProgress(console)])
+                          callbacks=callbacks)
     trainer.loss_impl = cfg.loss
     from transformers.trainer_callback import PrinterCallback
 
@@ -359,13 +369,21 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     if eval_rows and not cfg.eval_steps:
         metrics = trainer.evaluate()
         loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
-    save_run(run_dir, trainer.model, tok, template, cfg)
-    plot_losses(loss_log.train, loss_log.eval, run_dir / "loss.png", title=f"tunefix: {Path(cfg.model).name}")
     result = RunResult(run_dir, trainer.state.global_step, loss_log.train, loss_log.eval,
                        len(train_rows), len(eval_rows), fixes)
-    _write_json(run_dir / "summary.json", {**asdict(result), "run_dir": str(run_dir),
-                                            "base_model": cfg.model})
+    if main:
+        save_run(run_dir, trainer.model, tok, template, cfg)
+        plot_losses(loss_log.train, loss_log.eval, run_dir / "loss.png", title=f"tunefix: {Path(cfg.model).name}")
+        _write_json(run_dir / "summary.json", {**asdict(result), "run_dir": str(run_dir),
+                                                "base_model": cfg.model})
     return result
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch, or a single process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def likely_cause(model, tok, cfg: RunConfig) -> str:

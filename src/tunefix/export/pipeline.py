@@ -1,0 +1,559 @@
+"""``tunefix export``: a run (or a model directory) -> merged model, GGUF files, Modelfile,
+verified; and ``tunefix verify``: the same checks again on a finished export.
+
+The whole export is built in a hidden temporary directory next to ``--out`` and renamed
+to ``--out`` at the end, so an interrupted or failed export leaves nothing under a final
+name (and an existing ``--out`` replaced with ``--force`` stays intact until then). The
+run directory is only read.
+
+Layout of an export (``NAME`` is the run or model directory's name)::
+
+    export.json            manifest: files, template, stop tokens, verification results
+    README.md              what is here; the `ollama create` command
+    Modelfile              (--ollama) FROM the first GGUF file asked for
+    NAME-f16.gguf ...      one per --gguf type, from one conversion
+    merged/                the merged Hugging Face model (kept with --merged, and whenever
+                           verification runs: `tunefix verify` needs it as the reference)
+    adapter/, NAME-lora-f16.gguf   (--lora-only) the PEFT adapter and its GGUF form
+
+Verification (``--no-verify`` skips it) is recorded in ``export.json``; a failed check
+does not unpublish the export (its files are complete and correct GGUF files), but the
+command reports the first divergence and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunefix._io import write_text
+from tunefix.errors import TunefixError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = ("f16", "q8_0", "q4_k_m")
+MANIFEST = "export.json"
+MERGED = "merged"
+ADAPTER = "adapter"
+# Top-1 is judged where PyTorch's best two logits are at least this far apart: closer
+# pairs are ties at f16 precision (random tiny models have many). Every position
+# counts for the max abs difference.
+MIN_MARGIN = 0.01
+MAX_ABS_F16 = 0.25
+FLOAT_TYPES = ("f32", "bf16", "f16")
+
+
+class Stages:
+    """Progress reporting: ``with stages.stage("merge"): ...`` and one-line notes."""
+
+    @contextlib.contextmanager
+    def stage(self, label: str) -> Iterator[None]:
+        log.info("%s ...", label)
+        yield
+
+    def note(self, text: str) -> None:
+        log.info("%s", text)
+
+
+@dataclass
+class ExportOptions:
+    gguf: Sequence[str] | None = None  # None: DEFAULT_GGUF (nothing with lora_only); () for none
+    ollama: bool = False
+    merged: bool = False
+    lora_only: bool = False
+    verify: bool = True
+    force: bool = False
+    dtype: str = "bf16"
+    name: str | None = None
+
+
+@dataclass
+class Source:
+    path: Path
+    kind: str            # "run" or "model"
+    base_model: str | None = None
+    cfg: Any = None
+
+
+# -------------------------------------------------------------------------- inputs
+
+
+def resolve_source(source: str | os.PathLike) -> Source:
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        raise TunefixError(f"{path} is already a GGUF file", "Export a run directory or a Hugging Face model")
+    if not path.exists():
+        from tunefix.doctor.subject import resolve_model_path
+
+        try:
+            path = resolve_model_path(str(source))
+        except TunefixError:
+            raise TunefixError(f"{source}: no such run directory or model",
+                               "Pass the output_dir of a finished `tunefix train`, or a model directory") from None
+    if not path.is_dir():
+        raise TunefixError(f"{path} is not a directory", "Pass a run directory or a model directory")
+    if (path / "summary.json").is_file() or (path / "adapter").is_dir():
+        from tunefix.train.run import read_run
+
+        cfg, summary = read_run(path)
+        return Source(path.resolve(), "run", summary.get("base_model") or cfg.model, cfg)
+    if (path / "config.json").is_file():
+        return Source(path.resolve(), "model")
+    raise TunefixError(f"{path} is neither a tunefix run (summary.json, adapter/) nor a model (config.json)",
+                       "Pass the output_dir of a finished `tunefix train`, or a model directory")
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def check_out_dir(out: Path, force: bool, source: Path) -> None:
+    out = out.expanduser().resolve()
+    if _inside(out, source) or _inside(source, out):
+        raise TunefixError(f"--out {out} overlaps the source {source}", "Export into a directory of its own")
+    if out.exists() and not out.is_dir():
+        raise TunefixError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise TunefixError(f"--out {out} exists and is not empty", "Pass --force to replace it, or choose another")
+
+
+def gguf_types(opts: ExportOptions) -> list[str]:
+    from tunefix.export.gguf import _check_types
+
+    if opts.lora_only:
+        if opts.gguf:
+            raise TunefixError("--lora-only exports the adapter only; it cannot be combined with --gguf")
+        return []
+    if opts.gguf is None:
+        return list(DEFAULT_GGUF)
+    if not opts.gguf:
+        return []
+    return _check_types(opts.gguf)
+
+
+# ------------------------------------------------------------------------ publishing
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory next to ``out``; it replaces ``out`` when the block succeeds."""
+    out = out.expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            os.chmod(d, 0o755)  # mkdtemp's 0700 would hide the export from an Ollama service
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "x", out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------- verification
+
+
+def _check(ok: bool, summary: str, error: str | None = None, judged: bool = True, **data) -> dict:
+    return {"ok": bool(ok), "judged": judged, "summary": summary, "error": error, **data}
+
+
+def _error_of(result) -> str | None:
+    try:
+        result.raise_if_failed()
+    except TunefixError as e:
+        return e.message
+    return None
+
+
+def _file_type(name: str) -> str:
+    return name.rsplit("-", 1)[-1].removesuffix(".gguf")
+
+
+def verify_files(hf_dir: Path, root: Path, files: Sequence[dict], *, template_ollama: str | None,
+                 system: str | None, stages: Stages, threads: int | None = None) -> dict:
+    """Run every check on the export's files (paths relative to ``root``); a JSON-able record."""
+    from tunefix.export import verify
+
+    out: dict[str, Any] = {"files": {}, "template": None}
+    ggufs = [f for f in files if f["kind"] == "gguf"]
+    loras = [f for f in files if f["kind"] == "lora-gguf"]
+    tok = verify.load_tokenizer(hf_dir)
+    if template_ollama:
+        with stages.stage("verify template parity (Go vs Jinja)"):
+            tp = verify.template_parity(template_ollama, tok, system=system)
+        out["template"] = _check(tp.ok, f"{tp.checked} conversations" + (f", {len(tp.skipped)} skipped" if tp.skipped else ""),
+                                 _error_of(tp), checked=tp.checked, skipped=tp.skipped)
+    if ggufs:
+        with stages.stage("load the PyTorch reference"):
+            model = verify.load_reference(hf_dir)
+        prompts = verify.prompt_ids(tok)
+        stop_file = next((f for f in ggufs if f["type"] in FLOAT_TYPES), ggufs[0])
+        for f in ggufs:
+            path = root / f["path"]
+            checks: dict[str, dict] = {}
+            judged = f["type"] in FLOAT_TYPES
+            with stages.stage(f"verify {f['path']}"):
+                tp = verify.token_parity(path, hf_dir, tok=tok)
+                checks["tokens"] = _check(tp.ok, f"{tp.checked} texts" + (", double BOS" if tp.double_bos else ""),
+                                          _error_of(tp), failures=tp.failures[:5], notes=tp.notes)
+                lp = verify.logits_parity(path, hf_dir, model=model, tok=tok,
+                                          prompts=prompts if judged else prompts[:2], min_margin=MIN_MARGIN,
+                                          max_abs=MAX_ABS_F16 if judged else None, threads=threads)
+                checks["logits"] = _check(lp.ok, f"top-1 {lp.top1_agreement:.1%}, max diff {lp.max_abs_diff:.3f}",
+                                          _error_of(lp), judged=judged, **{k: v for k, v in asdict(lp).items()
+                                                                           if k != "file"})
+                if f is stop_file:
+                    sp = verify.stop_parity(path, hf_dir, model=model, tok=tok, threads=threads)
+                    stopped = sum(r.llama_stopped for r in sp.runs)
+                    checks["stops"] = _check(sp.ok or not judged, f"llama.cpp stopped {stopped}/{len(sp.runs)}",
+                                             _error_of(sp), judged=judged, llama_only_stops=sp.llama_only_stops,
+                                             torch_stopped=[r.torch_stopped for r in sp.runs],
+                                             llama_stopped=[r.llama_stopped for r in sp.runs])
+            out["files"][f["path"]] = {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
+        del model
+    for f in loras:
+        from tunefix.export.lora_gguf import read_adapter_info
+
+        info = read_adapter_info(root / f["path"])
+        ok = info["general.type"] == "adapter" and info["adapter.type"] == "lora" and info["tensors"] > 0
+        out["files"][f["path"]] = {"ok": ok, "checks": {"adapter": _check(
+            ok, f"{info['tensors']} tensors, alpha {info['adapter.lora.alpha']}",
+            None if ok else f"not a GGUF LoRA adapter: {info}", **{"info": {k: str(v) for k, v in info.items()}})}}
+    checks = [c for c in [out["template"], *(c for v in out["files"].values() for c in v["checks"].values())] if c]
+    out["ok"] = all(c["ok"] for c in checks)
+    out["first_error"] = next((c["error"] for c in checks if not c["ok"]), None)
+    return out
+
+
+def summarize(file_record: dict | None) -> str:
+    """One table cell: the checks of one file."""
+    if not file_record:
+        return "-"
+    parts = []
+    for name, c in file_record["checks"].items():
+        mark = "ok" if c["ok"] else "FAIL"
+        parts.append(f"{name} {mark} ({c['summary']})" if c["judged"] else f"{name}: {c['summary']}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+    conversions: int = 0
+    events: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        v = self.manifest.get("verification")
+        return v is None or v["ok"]
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _num_ctx(src: Source, hf_dir: Path) -> int | None:
+    if src.cfg is not None:
+        return int(src.cfg.max_seq_length)
+    cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    n = cfg.get("max_position_embeddings")
+    return int(n) if isinstance(n, int) else None
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOptions | None = None,
+           stages: Stages | None = None) -> ExportResult:
+    """Export a run directory (or a Hugging Face model directory) into ``out``. See the module doc."""
+    from tunefix.export import gguf as gguf_mod
+    from tunefix.export import ollama
+
+    opts = opts or ExportOptions()
+    stages = stages or Stages()
+    out = Path(out).expanduser()
+    src = resolve_source(source)
+    types = gguf_types(opts)
+    check_out_dir(out, opts.force, src.path)
+    if opts.lora_only and src.kind != "run":
+        raise TunefixError("--lora-only needs a run directory (a model has no adapter)")
+    if opts.ollama and not types and not opts.lora_only:
+        raise TunefixError("--ollama needs a GGUF file", "Ask for one with --gguf, e.g. --gguf q4_k_m")
+    if not types and not opts.merged and not opts.lora_only:
+        raise TunefixError("nothing to export", "Ask for --gguf types, --merged or --lora-only")
+    name = opts.name or src.path.name
+    events: list[tuple[str, str]] = []
+    files: list[dict] = []
+    manifest: dict[str, Any] = {"tunefix_export": 1, "source": str(src.path), "source_kind": src.kind,
+                                "base_model": src.base_model, "name": name}
+
+    with staging_dir(out) as tmp:
+        template, tok = None, None
+        if src.kind == "run":
+            from transformers import AutoTokenizer
+
+            from tunefix.train.run import load_template
+
+            template = load_template(src.path)
+            tok = AutoTokenizer.from_pretrained(str(src.path / "tokenizer"))
+        hf_dir: Path | None = None
+        if src.kind == "run" and not opts.lora_only:
+            from tunefix.export.merge import merge_run
+            from tunefix.train.run import load_run
+
+            with stages.stage("load run (base + adapter, 16-bit base weights)"):
+                loaded = load_run(src.path, merge=True)
+            with stages.stage(f"merge LoRA -> {MERGED}/ ({opts.dtype})"):
+                hf_dir = merge_run(src.path, tmp / MERGED, dtype=opts.dtype, loaded=loaded)
+            del loaded
+        elif src.kind == "model":
+            hf_dir = src.path
+            from transformers import AutoTokenizer
+
+            from tunefix.templates import template_for
+
+            tok = AutoTokenizer.from_pretrained(str(hf_dir))
+            if tok.chat_template:
+                template = template_for(tok)
+        if opts.lora_only:
+            from tunefix.export import lora_gguf
+
+            with stages.stage(f"copy the PEFT adapter -> {ADAPTER}/"):
+                lora_gguf.copy_adapter(src.path / "adapter", tmp / ADAPTER)
+            files.append({"path": ADAPTER, "kind": "peft-adapter", "type": "PEFT LoRA"})
+            lora_name = f"{name}-lora-f16.gguf"
+            with stages.stage(f"convert the adapter -> {lora_name}"):
+                lora_gguf.convert_lora(src.path / "adapter", src.base_model, tmp / lora_name, "f16")
+            files.append({"path": lora_name, "kind": "lora-gguf", "type": "LoRA f16"})
+        if types:
+            def progress(stage: str, detail: str) -> None:
+                events.append((stage, detail))
+                if stage == "patch":  # conversion and quantisation log their own line
+                    stages.note(f"GGUF metadata fixed: {detail}")
+
+            from tunefix.export.verify import llama_logs
+
+            with stages.stage(f"GGUF {', '.join(types)} (one conversion)"), llama_logs() as lines:
+                # llama.cpp's quantiser logs a line per tensor; kept for --debug only.
+                made = gguf_mod.export_gguf(hf_dir, tmp, types, name=name, progress=progress)
+            log.debug("llama.cpp:\n%s", "".join(lines))
+            for t, p in zip(types, made, strict=True):
+                os.chmod(p, 0o644)  # readable by an Ollama service running as another user
+                files.append({"path": p.name, "kind": "gguf", "type": t})
+        spec, modelfile_from = None, None
+        if opts.ollama:
+            if template is None:
+                raise TunefixError("the model has no chat template: no Modelfile TEMPLATE can be written")
+            spec = ollama.spec_for(template, tok, system=src.cfg.system if src.cfg else None,
+                                   num_ctx=_num_ctx(src, hf_dir or src.path))
+            if types:
+                modelfile_from = files[-len(types)]["path"]
+                ollama.write_modelfile(tmp, modelfile_from, spec)
+            else:  # LoRA only: the user brings the base model's GGUF
+                (tmp / "Modelfile").write_text(
+                    "# FROM: the base model's GGUF (converted from the base model the run trained on)\n"
+                    + ollama.modelfile_text(spec, "./base-model.gguf", f"./{files[-1]['path']}"), encoding="utf-8")
+            files.append({"path": "Modelfile", "kind": "modelfile", "type": "Ollama Modelfile"})
+        keep_merged = hf_dir is not None and src.kind == "run" and (opts.merged or opts.verify)
+        if keep_merged:
+            files.insert(0, {"path": MERGED, "kind": "hf", "type": f"HF merged {opts.dtype}"})
+        bound = template.bind(tok.eos_token or "") if template is not None and tok is not None else None
+        from tunefix.templates import stop_tokens
+
+        manifest.update({
+            "merged": MERGED if keep_merged else None,
+            # The reference of every check: the merged model (or the exported model directory);
+            # a LoRA-only export has only the run's tokenizer (for the template check).
+            "reference": MERGED if keep_merged else str(hf_dir or src.path / "tokenizer"),
+            "template": asdict(bound) if bound else None,
+            "stop_tokens": stop_tokens(template, tok) if template is not None else [],
+            "system": spec.system if spec else None,
+            "num_ctx": spec.num_ctx if spec else None,
+            "conversions": sum(1 for s, _ in events if s == "convert"),
+            "events": events,
+        })
+        if opts.verify:
+            ref = tmp / MERGED if keep_merged else Path(manifest["reference"])
+            if hf_dir is None:
+                stages.note("LoRA-only export: the adapter file and the template are checked, not its outputs")
+            manifest["verification"] = verify_files(
+                ref, tmp, files, template_ollama=spec.template if spec else None,
+                system=spec.system if spec else None, stages=stages)
+        else:
+            manifest["verification"] = None
+        if hf_dir is not None and not keep_merged and (tmp / MERGED).exists():
+            shutil.rmtree(tmp / MERGED)
+        for f in files:
+            f["size"] = _size(tmp / f["path"])
+        manifest["files"] = files
+        readme = ollama.readme_text(
+            name, files=[(f["path"], f["type"]) for f in files],
+            modelfile="Modelfile" if spec else None, gguf_from=modelfile_from,
+            merged=keep_merged, lora=[f["path"] for f in files if f["kind"] in ("lora-gguf", "peft-adapter")],
+            source=str(src.path))
+        write_text(tmp / "README.md", readme)
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        for p in (tmp / "README.md", tmp / MANIFEST, tmp / "Modelfile"):
+            if p.exists():
+                os.chmod(p, 0o644)
+    return ExportResult(out.resolve(), manifest, manifest["conversions"], events)
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+def read_manifest(export_dir: str | os.PathLike) -> dict:
+    export_dir = Path(export_dir)
+    f = export_dir / MANIFEST
+    if not f.is_file():
+        raise TunefixError(f"{export_dir} is not a tunefix export (no {MANIFEST})",
+                           "Pass the --out directory of `tunefix export`")
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def verify_export(export_dir: str | os.PathLike, stages: Stages | None = None) -> dict:
+    """Re-run the verification of a finished export (read-only); return the record."""
+    from tunefix.export import ollama
+
+    export_dir = Path(export_dir).expanduser().resolve()
+    manifest = read_manifest(export_dir)
+    stages = stages or Stages()
+    ref = manifest.get("reference")
+    hf_dir = (export_dir / ref) if ref and not Path(ref).is_absolute() else Path(ref) if ref else None
+    files = manifest.get("files", [])
+    if any(f["kind"] == "gguf" for f in files) and (hf_dir is None or not (hf_dir / "config.json").is_file()):
+        raise TunefixError(f"{export_dir} has no merged model to verify against ({MERGED}/ was not kept)",
+                           "Export again with --merged (or without --no-verify)")
+    missing = [f["path"] for f in files if not (export_dir / f["path"]).exists()]
+    if missing:
+        raise TunefixError(f"{export_dir}: {missing[0]} is missing", "Export again")
+    template, system = None, manifest.get("system")
+    mf = export_dir / "Modelfile"
+    if mf.is_file():
+        parsed = ollama.parse_modelfile(mf.read_text(encoding="utf-8"))
+        template = parsed.get("TEMPLATE", [None])[0]
+        system = parsed.get("SYSTEM", [system])[0]
+    return verify_files(hf_dir or export_dir, export_dir, files, template_ollama=template, system=system,
+                        stages=stages)
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+class RichStages(Stages):
+    """One line per stage: a spinner while it runs, then a tick and its duration."""
+
+    def __init__(self, console):
+        self.console = console
+
+    @contextlib.contextmanager
+    def stage(self, label: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            with self.console.status(f"{label} ...", spinner="dots"):
+                yield
+        except BaseException:
+            self.console.print(f"[red]✗[/] {label}", highlight=False)
+            raise
+        self.console.print(f"[green]✓[/] {label} [dim]({time.monotonic() - start:.1f}s)[/]", highlight=False)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"  [dim]{text}[/]", highlight=False)
+
+
+def result_table(export_dir: Path, files: Sequence[dict], verification: dict | None):
+    from rich.table import Table
+
+    table = Table(title=str(export_dir), title_justify="left")
+    for col in ("file", "type", "size", "verification"):
+        table.add_column(col, overflow="fold")
+    vf = (verification or {}).get("files", {})
+    for f in files:
+        size = f.get("size")
+        if size is None and (export_dir / f["path"]).exists():
+            size = _size(export_dir / f["path"])
+        if verification is None:
+            cell = "not verified"
+        elif f["kind"] == "modelfile" and verification.get("template"):
+            c = verification["template"]
+            cell = f"template {'ok' if c['ok'] else 'FAIL'} ({c['summary']})"
+        else:
+            cell = summarize(vf.get(f["path"]))
+        table.add_row(f["path"], f["type"], _human(size or 0), cell)
+    return table
+
+
+def run_export(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    opts = ExportOptions(gguf=_split(args.gguf), ollama=args.ollama, merged=args.merged, lora_only=args.lora_only,
+                         verify=not args.no_verify, force=args.force, dtype=args.dtype, name=args.name)
+    result = export(args.source, args.out, opts, RichStages(console))
+    Console().print(result_table(result.out, result.manifest["files"], result.manifest.get("verification")))
+    print(f"conversions HF -> GGUF: {result.conversions}; manifest: {result.out / MANIFEST}")
+    v = result.manifest.get("verification")
+    if v is not None and not v["ok"]:
+        print(f"tunefix: error: verification failed: {v['first_error']}", file=__import__("sys").stderr)
+        return 1
+    return 0
+
+
+def run_verify(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    export_dir = Path(args.export_dir).expanduser().resolve()
+    v = verify_export(export_dir, RichStages(console))
+    manifest = read_manifest(export_dir)
+    Console().print(result_table(export_dir, manifest["files"], v))
+    if args.json:
+        print(json.dumps(v, indent=1, default=str))
+    if not v["ok"]:
+        print(f"tunefix: error: verification failed: {v['first_error']}", file=__import__("sys").stderr)
+        return 1
+    return 0
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return []
+    return [t.strip() for t in value.split(",") if t.strip()]
