@@ -263,3 +263,46 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         lines = err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("tunefix: error:"), (label, err)
         assert "Traceback" not in err
+
+
+# ------------------------------------------------------------- GGUF files and hub ids
+
+
+@pytest.mark.slow
+def test_gguf_smollm2_pad_is_eos_found():
+    report = examine(str(assets.smollm2_gguf()))
+    assert report.get("pad-is-eos") is not None and report.get("pad-is-eos").severity == "error"
+    assert report.get("nonfinite-weights") is None
+
+
+@pytest.mark.slow
+def test_gguf_add_bos_with_a_bos_template_is_an_error(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunefix.export.gguf import convert
+    from tunefix.export.gguf_meta import patch_metadata
+
+    path = _copy(tiny.tiny_model("llama"), tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = LLAMA3_TEMPLATE
+    tok.save_pretrained(path)
+    gguf = convert(path, tmp_path / "m.gguf", "f16")
+    patch_metadata(gguf, {"tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": LLAMA3_TEMPLATE})
+    f = examine(str(gguf)).get("double-bos")
+    assert f is not None and f.severity == "error" and f.evidence["gguf_add_bos_token"] is True
+    patch_metadata(gguf, {"tokenizer.ggml.add_bos_token": False})
+    assert examine(str(gguf)).get("double-bos") is None
+
+
+def test_hub_id_from_the_local_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-qwen" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny.tiny_model("qwen2"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    report = examine("acme/tiny-qwen")
+    assert report.model == str(snapshot) and report.errors == []
+    code = main(["doctor", "acme/not-cached"])
+    assert code == 2
