@@ -104,7 +104,8 @@ def test_smollm2_answers_a_chat_question():
 
 
 # Whether each family's real tokenizer adds a BOS token, and which.
-BOS = {"llama-bpe": "<|begin_of_text|>", "llama-spm": "<s>", "phi-3": "<s>", "qwen2": None, "gpt-2": None}
+BOS = {"llama-bpe": "<|begin_of_text|>", "llama-spm": "<s>", "phi-3": "<s>", "qwen2": None, "gpt-2": None,
+       "gemma-4": "<bos>"}
 
 
 @pytest.mark.parametrize("name", assets.TOKENIZERS)
@@ -155,7 +156,7 @@ SPM_SPECIAL = ["<s>Hello", "<s> Hello", "<s>\nHello", "Hello</s>World", "before<
                "<s>[INST] Hi [/INST]"]
 
 
-@pytest.mark.parametrize("name", ["llama-spm", "phi-3"])
+@pytest.mark.parametrize("name", ["llama-spm", "phi-3", "gemma-4"])
 def test_sentencepiece_tokenizers_match_llama_cpp(name):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
@@ -166,6 +167,8 @@ def test_sentencepiece_tokenizers_match_llama_cpp(name):
     # special tokens when general.name says Phi-3 (this vocab's does; see export/gguf_arch.py),
     # which this tokenizer.json does not do.
     texts = SPM_TEXTS + (SPM_SPECIAL if name == "llama-spm" else [])
+    if name == "gemma-4":  # built by hand from the GGUF (assets_build.gemma4_tokenizer)
+        texts = SPM_TEXTS + ["<bos>Hello<eos> x", "<|turn>user\nHi<turn|>\n<|turn>model\n"]
     try:
         for text in texts:
             ours = tok(text, add_special_tokens=False)["input_ids"]

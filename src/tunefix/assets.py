@@ -251,9 +251,7 @@ def tokenizer(name: str) -> Path:
     return cached_dir(f"tokenizer-{name}", lambda tmp: build_tokenizer(name, gguf, tmp), version="4")
 
 
-# gemma-4 is pinned but not built: transformers 5.24 cannot read its GGUF config
-# (per-layer num_key_value_heads), see the note in design.md.
-TOKENIZERS = ("llama-bpe", "llama-spm", "phi-3", "qwen2", "gpt-2")
+TOKENIZERS = ("llama-bpe", "llama-spm", "phi-3", "qwen2", "gpt-2", "gemma-4")
 
 
 def fetch_all(progress: Callable[[str], None] | None = None) -> dict[str, Path]:

@@ -119,11 +119,49 @@ def _sentencepiece_whitespace(tok) -> None:
     backend.pre_tokenizer = None
 
 
+def gemma4_tokenizer(gguf_path: Path):
+    """Gemma 4's tokenizer from its vocab GGUF, built with the tokenizers library.
+
+    transformers 5.24 cannot read this GGUF (its config has per-layer num_key_value_heads),
+    so the fast tokenizer is assembled from the GGUF's own pieces: SentencePiece-style BPE
+    over the merges with byte fallback, spaces as "▁", no space prefix, control tokens
+    (type 3) special and user-defined ones (type 4) plain added tokens, BOS added.
+    Measured: identical ids to llama.cpp on leading/double spaces, digits, emoji, CJK,
+    Cyrillic and special-token text.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = read_gguf_vocab(gguf_path)
+    import gguf
+
+    merges_field = gguf.GGUFReader(str(gguf_path)).fields["tokenizer.ggml.merges"]
+    merges = [tuple(m.split(" ", 1)) for m in merges_field.contents()]
+    tokens, types = vocab["tokens"], vocab["token_type"]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=True,
+                     unk_token="<unk>", fuse_unk=True)
+    tk = Tokenizer(bpe)
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                           for i, t in enumerate(types) if t == 3])
+    tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4])
+    bos = tokens[int(vocab["bos_token_id"])]
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                      special_tokens=[(bos, int(vocab["bos_token_id"]))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=tokens[int(vocab["eos_token_id"])],
+                                   unk_token="<unk>", pad_token=tokens[int(vocab.get("padding_token_id", 0))],
+                                   mask_token="<mask>")
+
+
 def build_tokenizer(name: str, gguf_path: Path, out: Path) -> None:
     """A Hugging Face tokenizer directory from a vocab GGUF, with the family's real BOS policy."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if name == "gemma-4":
+        tok = gemma4_tokenizer(gguf_path)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     want_bos = _FAMILY_BOS.get(name)
     if want_bos is not None and tok.bos_token is not None:
         tok.add_bos_token = want_bos
