@@ -229,3 +229,14 @@ def test_training_with_packing(tmp_path):
     result = train(_cfg(tmp_path, packing=True, max_steps=2, max_seq_length=96))
     assert len(result.losses) == 2 and all(v == v for _, v in result.losses)  # finite, not NaN
     assert result.train_rows < 8  # the 8 rows were packed into fewer sequences
+
+
+def test_lora_rank_above_hidden_size_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import tunefix.model.load as load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    code = main(["train", "--data", str(ALPACA), "--model", str(tiny.tiny_model("llama")), "--template",
+                 "llama-3", "--output-dir", str(tmp_path / "r"), "--lora-r", "512"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "larger than the model's hidden size (256)" in err[0]
+    assert not (tmp_path / "r").exists()

@@ -80,9 +80,11 @@ def tokenize(cfg: RunConfig, tokenizer, template, rows: list, *, warn: bool = Tr
     if not out.rows:
         raise TunefixError("no trainable rows", f"Check {RunConfig.option('max_seq_length')} and the data")
     longest = max(len(r["input_ids"]) for r in out.rows)
-    if warn and cfg.packing and cfg.max_seq_length > 8 * longest and cfg.max_seq_length > 512:
-        log.warning("--max-seq-length %d is far beyond the longest row (%d tokens); it only wastes "
-                    "memory when packing", cfg.max_seq_length, longest)
+    if warn and cfg.max_seq_length > 8 * longest and cfg.max_seq_length > 512:
+        # Dynamic padding makes this harmless for unpacked batches, but packs, position
+        # tables and any non-dynamic consumer (an exported num_ctx) pay for it.
+        log.warning("--max-seq-length %d is far beyond the longest row (%d tokens); lower it to "
+                    "save memory", cfg.max_seq_length, longest)
     if cfg.packing:
         return pack(out.rows, cfg.max_seq_length)  # with position_ids and seq_lens per pack
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in out.rows]
@@ -319,6 +321,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
         from tunefix.templates import get_template
 
         get_template(cfg.template)
+    check_against_model_config(cfg)
 
     fixes: list[str] = []
     model, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit,
@@ -377,6 +380,25 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
         _write_json(run_dir / "summary.json", {**asdict(result), "run_dir": str(run_dir),
                                                 "base_model": cfg.model})
     return result
+
+
+def check_against_model_config(cfg: RunConfig) -> None:
+    """Checks that need the model's config.json only (no weights): a LoRA rank above the
+    hidden size (the adapter would be larger than the layer it adapts)."""
+    from tunefix.doctor.subject import resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.exists():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # load_model reports an unreadable config with its own message
+    hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
+    if isinstance(hidden, int) and cfg.lora_r > hidden:
+        raise TunefixError(f"{RunConfig.option('lora_r')} {cfg.lora_r} is larger than the model's hidden size "
+                           f"({hidden})", f"Use a rank of at most {hidden}; 8 to 64 is usual")
 
 
 def is_main_process() -> bool:
