@@ -337,6 +337,8 @@ CASES: list[Case] = [
          "not empty"),
     Case("export-unknown-gguf-type", lambda d, t: ["export", str(t), "--out", str(d / "out"), "--gguf", "q9_9"],
          "unknown gguf type"),
+    Case("export-out-under-a-file", lambda d, t: ["export", str(t), "--out", str(write(d, "f.txt", "x") / "out")],
+         "which is a file"),
     Case("verify-missing-dir", lambda d, t: ["verify", str(d / "nope")], "not a tunefix export"),
     Case("verify-not-an-export", lambda d, t: ["verify", str(write(d, "e/x", "").parent)], "not a tunefix export"),
     # ------------------------------------------------------------------ the command line itself

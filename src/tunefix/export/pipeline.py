@@ -121,7 +121,11 @@ def check_out_dir(out: Path, force: bool, source: Path) -> None:
     if _inside(out, source) or _inside(source, out):
         raise TunefixError(f"--out {out} overlaps the source {source}", "Export into a directory of its own")
     if out.exists() and not out.is_dir():
-        raise TunefixError(f"--out {out} exists and is not a directory")
+        raise TunefixError(f"--out {out} exists and is not a directory", "Choose a directory path for --out")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # mkdir would fail with FileExistsError deep in the export
+        raise TunefixError(f"--out {out} lies under {blocker}, which is a file, not a directory",
+                           "Choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise TunefixError(f"--out {out} exists and is not empty", "Pass --force to replace it, or choose another")
 
