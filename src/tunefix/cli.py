@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--merge", help="merge template over your table's columns")
     demo.add_argument("--answer", help="the answer column or template (e.g. {alive})")
     demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo; never overwritten)")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
+    demo.add_argument("--steps", type=int, default=120, help="optimizer steps (default: 120)")
     demo.add_argument("--rows", type=int, help="use only the first N rows (quick runs)")
     demo.add_argument("--no-export", action="store_true", help="stop after training and evaluation")
     demo.set_defaults(handler=_cmd_demo)

@@ -62,7 +62,7 @@ def build_config(args: argparse.Namespace):
         merge=args.merge or (TITANIC_MERGE if titanic else None),
         output=args.answer or ("{alive}" if titanic else None),
         output_dir=str(free_dir(Path(args.output))), eval_fraction=0.2, max_steps=args.steps,
-        batch_size=2, gradient_accumulation=4, learning_rate=2e-4, max_seq_length=256, save_steps=1000,
+        batch_size=2, gradient_accumulation=4, learning_rate=3e-4, max_seq_length=256, save_steps=1000,
         gradient_checkpointing="off", limit_rows=args.rows, seed=3407,
     )
 
