@@ -182,23 +182,11 @@ def build_tokenizer(name: str, gguf_path: Path, out: Path) -> None:
 def build_smollm2(gguf_path: Path, out: Path) -> None:
     """Dequantise SmolLM2's GGUF into a bf16 safetensors directory with its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                  dtype=torch.float32)
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild and copy.
-    config = loaded.config
-    # The GGUF loader marks the config as "quantized with gguf", which makes the rebuilt
-    # model refuse save_pretrained too: the dequantised weights are plain tensors.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # A tied lm_head is absent from the state dict of a tied model; nothing else may be.
-    missing = [k for k in missing if not (k == "lm_head.weight" and loaded.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"SmolLM2 rebuild: missing {missing}, unexpected {unexpected}")
-    del loaded
+    from tunefix.model.load import dequantized_gguf_model
+
+    model = dequantized_gguf_model(gguf_path, torch.float32)
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -31,15 +31,10 @@ def load_for_fix(path: Path, *, trust_remote_code: bool = False, allow_pickle: b
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path.suffix == ".gguf":
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        # transformers refuses save_pretrained on a GGUF-loaded model: rebuild and copy.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):  # dequantised: plain tensors now
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=False)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return model, tok
+        from tunefix.model.load import dequantized_gguf_model
+
+        model = dequantized_gguf_model(path, torch.float32)
+        return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     from tunefix.doctor.subject import check_model_code, weights_kind
 
     check_model_code(path, trust_remote_code)

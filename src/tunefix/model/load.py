@@ -68,7 +68,7 @@ def _from_gguf(path: Path, dtype):
 
 
 def _read_gguf(path: Path, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -78,15 +78,32 @@ def _read_gguf(path: Path, dtype):
     from tunefix.doctor.subject import check_gguf_architecture
 
     check_gguf_architecture(path)  # transformers would load a Mamba GGUF as a Mamba model
+    return dequantized_gguf_model(path, dtype), AutoTokenizer.from_pretrained(str(path.parent),
+                                                                             gguf_file=path.name)
+
+
+def dequantized_gguf_model(path: Path, dtype):
+    """A GGUF checkpoint as an ordinary (savable, trainable) transformers model.
+
+    transformers dequantises GGUF weights but marks the model "quantized with gguf" and
+    refuses ``save_pretrained`` on it, so the model is rebuilt from its config without the
+    quantization config and given the state dict.
+    """
+    from transformers import AutoModelForCausalLM
+
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):  # dequantised: plain tensors now
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied lm_head is absent from the state dict of a tied model; nothing else may be.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF rebuild of {path.name}: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model
 
 
 def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: bool = False,
