@@ -175,13 +175,18 @@ def convert(hf_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str
     if progress:
         progress("convert", outtype)
     with _converter_input(hf_dir) as model_dir, atomic_path(out_file) as tmp:
-        cmd = _converter_command(src, model_dir, tmp, outtype, name or hf_dir.name)
-        done = subprocess.run(cmd, env=_converter_env(src), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise TunefixError(f"llama.cpp's converter failed on {hf_dir}: {_last_lines(done.stderr)}",
-                               "Check that the directory holds a merged model of a supported family")
-        log.debug("converter output:\n%s", done.stderr)
+        run_converter(_converter_command(src, model_dir, tmp, outtype, name or hf_dir.name), src,
+                      f"llama.cpp's converter failed on {hf_dir}",
+                      "Check that the directory holds a merged model of a supported family")
     return out_file
+
+
+def run_converter(cmd: list[str], src: Path, failure: str, hint: str) -> None:
+    """Run one of llama.cpp's converter scripts with its own gguf-py; failure -> one line."""
+    done = subprocess.run(cmd, env=_converter_env(src), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TunefixError(f"{failure}: {_last_lines(done.stderr)}", hint)
+    log.debug("converter output:\n%s", done.stderr)
 
 
 # ---------------------------------------------------------------------- quantisation

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -101,7 +100,7 @@ def convert_lora(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
                  outtype: str = "f16") -> Path:
     """``adapter_dir`` (PEFT) -> one GGUF LoRA adapter for the base model at ``base_dir``."""
     from tunefix import assets
-    from tunefix.export.gguf import _converter_env, _converter_input, _last_lines
+    from tunefix.export.gguf import _converter_input, run_converter
 
     adapter_dir, base_dir, out_file = Path(adapter_dir), Path(base_dir), Path(out_file)
     if outtype not in ("f32", "f16", "bf16", "q8_0"):
@@ -114,11 +113,7 @@ def convert_lora(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
         stage_adapter(adapter_dir, staged)
         cmd = [sys.executable, str(src / "convert_lora_to_gguf.py"), str(staged), "--base", str(base),
                "--outtype", outtype, "--outfile", str(out_tmp)]
-        done = subprocess.run(cmd, env=_converter_env(src), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise TunefixError(f"llama.cpp's LoRA converter failed: {_last_lines(done.stderr)}",
-                               "Export the merged model instead")
-        log.debug("LoRA converter output:\n%s", done.stderr)
+        run_converter(cmd, src, "llama.cpp's LoRA converter failed", "Export the merged model instead")
     return out_file
 
 
