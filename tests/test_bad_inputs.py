@@ -120,6 +120,9 @@ def plain_pickle() -> bytes:
     return buf.getvalue()
 
 
+# Config families tunefix does not support: one transformers knows, one it does not.
+MAMBA = {"model_type": "mamba", "architectures": ["MambaForCausalLM"]}
+MYSTERY = {"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}
 EXAMPLE_OK = "<|u|>{INPUT}<|e|><|a|>{OUTPUT}<|e|><|u|>{INPUT}<|e|><|a|>{OUTPUT}<|e|>"
 TRAIN_BASE = ["--max-steps", "2", "--batch-size", "1", "--gradient-accumulation", "1",
               "--warmup-steps", "0", "--max-seq-length", "64"]
@@ -197,6 +200,9 @@ CASES: list[Case] = [
          "already exists"),
     Case("doctor-fix-parent-is-a-file",
          lambda d, t: ["doctor", str(t), "--fix", str(write(d, "file", "x") / "out")], "is a file"),
+    Case("doctor-unsupported-family-is-a-finding",  # still examined; train and export refuse it
+         lambda d, t: ["doctor", "--json", str(model_dir(d, t, config=MAMBA, tokenizer=True, weights={
+             "model.safetensors": (t / "model.safetensors").read_bytes()}))], "unsupported-family", code=0),
     Case("doctor-template-fails-to-render-is-a-finding",
          lambda d, t: ["doctor", str(t), "--json", "--template",
                        str(write(d, "t.jinja", "{{ raise_exception('nope') }}{{ messages }}"))],
@@ -317,6 +323,16 @@ CASES: list[Case] = [
          "not a gguf file"),
     Case("train-model-gguf-unsupported-arch", lambda d, t: train(d, model=gguf_file(d, "m.gguf", arch="mamba")),
          "mamba"),
+    Case("train-model-unsupported-family",
+         lambda d, t: train(d, model=model_dir(d, t, config=MAMBA, tokenizer=True)), "model family 'mamba'"),
+    Case("train-model-unknown-family",
+         lambda d, t: train(d, model=model_dir(d, t, config=MYSTERY, tokenizer=True)), "model family 'mystery'"),
+    # ------------------------------------------------------------------ demo
+    Case("demo-model-unsupported-family",
+         lambda d, t: ["demo", "--model", str(model_dir(d, t, config=MAMBA, tokenizer=True)), "--steps", "1",
+                       "--rows", "10", "--no-export", "--output", str(d / "runs")], "model family 'mamba'"),
+    Case("demo-model-missing", lambda d, t: ["demo", "--model", str(d / "nomodel"), "--no-export",
+                                             "--output", str(d / "runs")], "no such file"),
     # ------------------------------------------------------------------ eval
     Case("eval-missing-run", lambda d, t: ["eval", str(d / "norun")], "does not exist"),
     Case("eval-not-a-run", lambda d, t: ["eval", str(write(d, "run/x.txt", "x").parent)], "not a finished"),
@@ -337,6 +353,9 @@ CASES: list[Case] = [
          "not empty"),
     Case("export-unknown-gguf-type", lambda d, t: ["export", str(t), "--out", str(d / "out"), "--gguf", "q9_9"],
          "unknown gguf type"),
+    Case("export-model-unsupported-family",
+         lambda d, t: ["export", str(model_dir(d, t, config=MYSTERY, tokenizer=True)), "--out", str(d / "out"),
+                       "--gguf", "f16"], "model family 'mystery'"),
     Case("export-out-under-a-file", lambda d, t: ["export", str(t), "--out", str(write(d, "f.txt", "x") / "out")],
          "which is a file"),
     Case("verify-missing-dir", lambda d, t: ["verify", str(d / "nope")], "not a tunefix export"),
@@ -426,10 +445,65 @@ def test_bad_input(case: Case, tmp_path, tiny_llama, capfd, monkeypatch):
     assert not (work / "PWNED").exists()
 
 
+OUT_OF_MEMORY = {
+    "cuda": lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                "allocate memory: you tried to allocate 1125899906842624 bytes"),
+    "python": lambda: MemoryError(),
+}
+
+
+@pytest.fixture
+def no_loading_bar():
+    """transformers' "Loading weights" bar (stderr) comes before any training step can fail."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if was_on:
+        hf_logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("kind", list(OUT_OF_MEMORY))
+def test_out_of_memory_in_training(kind, tmp_path, tiny_llama, capfd, monkeypatch, no_loading_bar):
+    """Running out of memory in a training step: one line naming the memory options, and the
+    run directory (created for this run, no checkpoint yet) is gone, so the retry can reuse it."""
+    import tunefix.model.loss
+
+    def no_memory(*args, **kwargs):
+        raise OUT_OF_MEMORY[kind]()
+
+    monkeypatch.setattr(tunefix.model.loss, "model_loss", no_memory)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = snapshot(work)
+    code, out, err = run_in_process(train(work, "--template", "llama-3", "--gradient-checkpointing", "off", model=tiny_llama,
+                                          out=work / "runs" / "run"), capfd)
+    assert code == 2, f"exit {code}, stdout:\n{out[-2000:]}\nstderr:\n{err[-3000:]}"
+    line = one_line_with_next_step(err)
+    assert "out of memory in training step 1" in line, line
+    for option in ("--batch-size", "--max-seq-length", "--gradient-checkpointing"):
+        assert option in line, line
+    assert snapshot(work) == before, "files were created or changed"
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, tiny_llama, monkeypatch):
+    import tunefix.model.loss
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(tunefix.model.loss, "model_loss", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(train(tmp_path, "--template", "llama-3", model=tiny_llama))
+
+
 def test_matrix_is_large_enough():
     commands = {c.id.split("-")[0] for c in CASES}
     assert len(CASES) >= 40 and {"doctor", "preview", "templates", "train", "eval", "chat", "export",
-                                 "verify"} <= commands
+                                 "verify", "demo"} <= commands
 
 
 def test_debug_shows_the_traceback(tmp_path):

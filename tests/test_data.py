@@ -185,3 +185,30 @@ def test_hub_dataset_from_the_local_cache(tmp_path, monkeypatch):
     assert prepared.format == "prompt-completion" and len(prepared.rows) == 2
     with pytest.raises(TunefixError, match="not a dataset in the local Hugging Face cache"):
         prepare("acme/missing")
+
+
+def test_loading_a_local_file_reaches_no_network(tmp_path, monkeypatch):
+    # datasets pings a download counter on S3 for every load_dataset unless told not to.
+    import socket
+
+    from tunefix.data.load import load_table
+
+    calls = []
+
+    def no_network(*args, **kwargs):
+        calls.append(args[:2])
+        raise OSError("network disabled in this test")
+
+    import datasets
+    import datasets.load
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    # As for a user (the tests run with HF_HUB_OFFLINE=1, see conftest.py, and the hub
+    # client refuses offline before any socket): count the HTTP session's use as well.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    monkeypatch.setattr(datasets.load, "get_session", lambda: no_network("http session"))
+    path = tmp_path / "rows.csv"
+    path.write_text("question,answer\nhi,hello\n")
+    assert len(load_table(path)) == 1
+    assert calls == []

@@ -235,6 +235,14 @@ def test_clean_setups_have_no_error(family, template, tmp_path):
     assert report.get("untrained-tokens") is None
 
 
+def test_findings_quoting_brackets_print_as_text(capsys):
+    """The Mistral template's "[/INST]" in a finding's evidence is text, not rich markup
+    (it once crashed `tunefix doctor MODEL --template mistral` with a MarkupError)."""
+    code = main(["doctor", str(tiny.tiny_model("mistral")), "--template", "mistral"])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "[/INST]" in out and "summary:" in out
+
+
 # ------------------------------------------------------------------------ bad inputs
 
 

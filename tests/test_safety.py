@@ -285,3 +285,16 @@ def test_atomic_path_under_a_file_is_a_clean_error(tmp_path):
     with pytest.raises(TunefixError, match="cannot create the output directory"):
         _io.write_text(f / "sub" / "x.json", "{}")
     assert f.read_text() == "x"
+
+
+def test_atomic_artifacts_get_ordinary_permissions(tmp_path):
+    # mkstemp/mkdtemp create private temporaries; the finished file must not stay 0600.
+    mask = os.umask(0o022)
+    try:
+        f = _io.write_text(tmp_path / "Modelfile", "FROM x\n")
+        with _io.atomic_dir(tmp_path / "merged") as d:
+            (d / "config.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755

@@ -31,6 +31,8 @@ def _cfg(tmp_path, **kw) -> RunConfig:
     ("lora_r=-4", "--lora-r must be a positive number"),
     ("data=/no/such/file.csv", "--data /no/such/file.csv: no such file"),
     ("max_seq_length=0", "--max-seq-length must be a positive number"),
+    ("method=qlora", "--method must be lora or full"),
+    ("--method=full --load-in-4bit", "--method full cannot train 4-bit weights"),
 ])
 def test_bad_configs_exit_2_before_loading(override, needle, capsys, monkeypatch):
     import tunefix.model.load as load
@@ -39,7 +41,7 @@ def test_bad_configs_exit_2_before_loading(override, needle, capsys, monkeypatch
         raise AssertionError("a model was loaded before the config was validated")
 
     monkeypatch.setattr(load, "load_model", no_load)
-    code = main(["train", str(EXAMPLES / "titanic.yaml"), override])
+    code = main(["train", str(EXAMPLES / "titanic.yaml"), *override.split()])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
 
@@ -153,6 +155,38 @@ def test_continued_pretraining_embedding_learning_rate(tmp_path):
     assert not any("lora" in n for n in emb_names)
 
 
+def test_full_fine_tuning_trains_every_weight_and_exports_as_a_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from tunefix.train.run import is_full, load_run
+    from tunefix.train.trainer import _optimizer, train
+
+    cfg = _cfg(tmp_path, method="full", learning_rate=1e-4, max_steps=2)
+    result = train(cfg)
+    run = result.run_dir
+    assert is_full(run) and not (run / "adapter").exists()
+    assert result.losses[-1][1] < result.losses[0][1]
+    base = load_file(str(tiny.tiny_model("llama") / "model.safetensors"))
+    trained = load_file(str(run / "model" / "model.safetensors"))
+    changed = [k for k in base if k in trained and base[k].shape == trained[k].shape
+               and not torch.equal(base[k], trained[k])]
+    assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)
+    assert any("embed_tokens" in k for k in changed)  # every weight, not an adapter
+    model, tok, template, loaded_cfg = load_run(run)
+    assert loaded_cfg.method == "full" and not hasattr(model, "peft_config")
+    got = model.get_input_embeddings().weight
+    assert torch.equal(got, trained["model.embed_tokens.weight"][: got.shape[0]])
+    # One learning rate for all unless the split is asked for; with it, the embeddings' own.
+    model.requires_grad_(True)
+    assert len(_optimizer(model, cfg).param_groups) == 1
+    split = _optimizer(model, _cfg(tmp_path, method="full", embedding_learning_rate=1e-6)).param_groups
+    assert [g["lr"] for g in split] == [1e-3, 1e-6]
+    assert main(["export", str(run), "--out", str(tmp_path / "export"), "--merged", "--no-verify"]) == 0
+    merged = load_file(str(tmp_path / "export" / "merged" / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.allclose(merged[key].float(), trained[key], atol=1e-2)
+
+
 # ------------------------------------------------------------------------ resume
 
 
@@ -240,3 +274,83 @@ def test_lora_rank_above_hidden_size_is_refused_before_loading(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "larger than the model's hidden size (256)" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_full_disk_while_saving_a_checkpoint_is_one_line_and_resumable(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from transformers import Trainer
+
+    real = Trainer._save_optimizer_and_scheduler
+
+    def disk_full_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            (Path(output_dir) / "optimizer.pt").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_4)
+    args = ["train", "--data", str(ALPACA), "--model", str(tiny.tiny_model("llama")), "--template", "llama-3",
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "4", "--save-steps", "2",
+            "--gradient-accumulation", "1", "--max-seq-length", "128"]
+    code = main(args)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("tunefix: error")]
+    assert code == 2 and len(err) == 1, err
+    assert "no space left on device" in err[0] and "--resume continues from checkpoint-2" in err[0]
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2"]  # the half-written one is gone
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", real)
+    assert main([*args, "--resume"]) == 0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ metric loggers
+
+
+def _scalars(event_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_tensorboard_and_wandb_offline_log_the_same_losses_into_the_run_dir(tmp_path, monkeypatch):
+    from tunefix.train.trainer import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", "")
+    monkeypatch.delenv("WANDB_DIR")  # restored (to unset) after the test; train sets it
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current directory
+    result = train(_cfg(tmp_path, max_steps=3, save_steps=10, report_to="tensorboard,wandb"))
+    run = result.run_dir
+    [events] = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    logged = _scalars(events, "train/loss")
+    assert sorted(logged) == [1, 2, 3]
+    for step, loss in result.losses:
+        assert logged[step] == pytest.approx(loss, rel=1e-6)
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_auto_reporting_skips_wandb_when_not_logged_in(tmp_path, monkeypatch):
+    from tunefix.train.trainer import report_to
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert report_to(_cfg(tmp_path)) == ["tensorboard"]  # both installed by the dev extra
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert report_to(_cfg(tmp_path)) == ["tensorboard", "wandb"]
+    assert report_to(_cfg(tmp_path, report_to="none")) == []
+
+
+def test_unknown_logger_is_refused_before_loading(capsys, monkeypatch):
+    import tunefix.model.load as load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    code = main(["train", str(EXAMPLES / "titanic.yaml"), "--report-to", "mlflow"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--report-to must be auto, none or a list" in err[0], err

@@ -21,29 +21,63 @@ from tunefix.errors import TunefixError
 # errno values that mean "this disk/location cannot take the write", whoever raised them.
 _DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system"}
+# Below this many free bytes a failed write is taken to have filled the disk.
+_FULL_BELOW = 16 * 2**20
 
 
-def _disk_error(exc: BaseException) -> OSError | None:
-    """The OSError with a disk-full/read-only errno in ``exc``'s cause chain, if any.
+def out_of_space(directory: str | os.PathLike) -> bool:
+    """Whether the file system of ``directory`` is (about) full.
 
-    Libraries (safetensors, torch.save, transformers) sometimes wrap the OSError; the chain
-    still holds it.
+    For writers that do not say why they failed: numpy's ``tofile`` (gguf-py's writer, in
+    process and in llama.cpp's converter) reports a full disk as "N requested and M
+    written" with no errno, and llama.cpp's quantiser returns a bare error code.
     """
+    try:
+        return shutil.disk_usage(directory).free < _FULL_BELOW
+    except OSError:
+        return False
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
-            return e
+        yield e
         e = e.__cause__ or e.__context__
+
+
+def _disk_error(exc: BaseException, where: Path | None = None) -> int | None:
+    """The disk-full/read-only errno behind ``exc``, if that is what it is.
+
+    Libraries wrap the OSError: in the cause chain (transformers), or in their own type
+    whose text keeps the system's message (safetensors: "I/O error: No space left on
+    device (os error 28)"). An OSError without an errno (a numpy short write) counts when
+    ``where``'s disk is full.
+    """
+    chain = list(_chain(exc))
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            return e.errno
+        text = str(e).lower()
+        for code, words in _DISK_ERRORS.items():
+            if words in text:
+                return code
+    if where is not None and any(isinstance(e, OSError) and e.errno is None for e in chain) \
+            and out_of_space(where):
+        return errno.ENOSPC
     return None
 
 
-def _translate(exc: BaseException, final: Path) -> TunefixError | None:
-    disk = _disk_error(exc)
-    if disk is None:
+def translate_disk_error(exc: BaseException, final: str | os.PathLike) -> TunefixError | None:
+    """``exc`` as the one-line error about writing ``final``, when a full or read-only disk
+    caused it; None otherwise. Call it before removing the partial output (see
+    ``out_of_space``)."""
+    final = Path(final)
+    code = _disk_error(exc, final.parent)
+    if code is None:
         return None
-    return TunefixError(f"{_DISK_ERRORS[disk.errno]} while writing {final}",
+    return TunefixError(f"{_DISK_ERRORS[code]} while writing {final}",
                         "Free some space (or choose an output directory on another disk) and run "
                         "again; nothing was written under that name")
 
@@ -53,7 +87,7 @@ def _prepare_parent(final: Path) -> None:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _translate(e, final) or TunefixError(
+        raise translate_disk_error(e, final) or TunefixError(
             f"cannot create the output directory {final.parent} ({e.strerror or e})",
             "Choose an output path whose parent is a directory you can write to") from None
 
@@ -75,6 +109,18 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(path: Path, kind: str) -> None:
+    """What a plain ``open``/``mkdir`` would have given: temporary files and directories are
+    created private (0600/0700); the finished artifact follows the user's umask."""
+    os.chmod(path, (0o666 if kind == "file" else 0o777) & ~_umask())
+
+
 def _mkstemp(final: Path, kind: str) -> Path:
     try:
         if kind == "file":
@@ -83,7 +129,7 @@ def _mkstemp(final: Path, kind: str) -> Path:
         else:
             tmp = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     except OSError as e:
-        raise _translate(e, final) or TunefixError(
+        raise translate_disk_error(e, final) or TunefixError(
             f"cannot write in {final.parent} ({e.strerror or e})",
             "Choose an output directory you can write to") from None
     return Path(tmp)
@@ -101,36 +147,51 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = _mkstemp(final, "file")
     try:
         yield tmp_path
+        _ordinary_mode(tmp_path, "file")
         _fsync_file(tmp_path)
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
     except BaseException as e:
+        translated = translate_disk_error(e, final)  # while the partial file still fills the disk
         tmp_path.unlink(missing_ok=True)
-        translated = _translate(e, final)
         if translated is not None:
             raise translated from e
         raise
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; it becomes ``final`` on success.
 
-    ``final`` must not exist yet (callers decide about ``--force`` before this).
+    ``final`` must not exist yet (callers decide about ``--force`` before this), unless
+    ``replace``: then an existing ``final`` stays intact until the new one is complete,
+    is swapped out by rename, and is removed only once the new one is in place.
     """
     final = Path(final)
     _prepare_parent(final)
     tmp = _mkstemp(final, "dir")
     try:
         yield tmp
+        _ordinary_mode(tmp, "dir")
         for p in tmp.rglob("*"):
             if p.is_file():
                 _fsync_file(p)
-        os.replace(tmp, final)
+        old = None
+        if replace and final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / "x")
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "x", final)
+            raise
         _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
+        translated = translate_disk_error(e, final)  # while the partial files still fill the disk
         shutil.rmtree(tmp, ignore_errors=True)
-        translated = _translate(e, final)
         if translated is not None:
             raise translated from e
         raise

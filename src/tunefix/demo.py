@@ -4,6 +4,10 @@ SmolLM2-135M-Instruct (real, from PyPI) is examined and fixed by the doctor, fin
 with LoRA on the Titanic CSV (columns merged into a question, `alive` the answer),
 evaluated on held-out passengers before and after, exported to GGUF with an Ollama
 Modelfile, verified in llama.cpp, and asked the same held-out questions there.
+
+Each step is a public function (``demo_config``, ``preview_rows``, ``export_run``,
+``llama_answers``, ``print_summary``...) so that examples/titanic.ipynb walks the same path
+in the Python API, with no copy of it.
 """
 
 from __future__ import annotations
@@ -51,23 +55,51 @@ def free_dir(base: Path) -> Path:
     return Path(f"{base}-{n}")
 
 
-def build_config(args: argparse.Namespace):
+def demo_config(*, model: str | None = None, data: str | None = None, merge: str | None = None,
+                answer: str | None = None, output: str = "runs/demo", steps: int = 120,
+                rows: int | None = None, template: str | None = None):
+    """The demo's RunConfig: the Titanic CSV (or ``data``) on SmolLM2 (or ``model``).
+
+    ``output`` gets a free name (``runs/demo-2``...); ``template`` None uses the model's own.
+    The examples/titanic.yaml settings, so the demo and ``tunefix train`` agree.
+    """
     from tunefix import assets
     from tunefix.train.config import RunConfig
 
-    data = args.data or str(default_data())
-    titanic = args.data is None
+    titanic = data is None
     return RunConfig(
-        model=args.model or str(assets.smollm2()), data=data,
-        merge=args.merge or (TITANIC_MERGE if titanic else None),
-        output=args.answer or ("{alive}" if titanic else None),
-        output_dir=str(free_dir(Path(args.output))), eval_fraction=0.2, max_steps=args.steps,
+        model=model or str(assets.smollm2()), data=data or str(default_data()),
+        merge=merge or (TITANIC_MERGE if titanic else None),
+        output=answer or ("{alive}" if titanic else None), template=template,
+        output_dir=str(free_dir(Path(output))), eval_fraction=0.2, max_steps=steps,
         batch_size=2, gradient_accumulation=4, learning_rate=3e-4, max_seq_length=256, save_steps=1000,
-        gradient_checkpointing="off", limit_rows=args.rows, seed=3407,
+        gradient_checkpointing="off", limit_rows=rows, seed=3407,
     )
 
 
-def _preview(console: Console, cfg, tok) -> None:
+def check_model(model: str) -> None:
+    """Refuse a model tunefix cannot train (missing, or of an unsupported family) from its
+    config or GGUF header alone."""
+    from tunefix.doctor.subject import check_gguf_architecture, resolve_model_path
+    from tunefix.model.load import check_model_family
+
+    path = resolve_model_path(model)
+    if path.suffix == ".gguf":
+        check_gguf_architecture(path)
+    else:
+        check_model_family(path)
+
+
+def build_config(args: argparse.Namespace):
+    return demo_config(model=args.model, data=args.data, merge=args.merge, answer=args.answer,
+                       output=args.output, steps=args.steps, rows=args.rows)
+
+
+def preview_rows(console: Console, cfg, tok, n: int = 2) -> tuple:
+    """The first ``n`` training conversations as the model sees them, trained part in ⟦ ⟧.
+
+    Returns what ``prepare_data`` gives: (template, train conversations, held-out ones).
+    """
     from tunefix.data.preview import marked_text
     from tunefix.data.tokenize import render_with_spans
     from tunefix.train.trainer import prepare_data
@@ -75,13 +107,14 @@ def _preview(console: Console, cfg, tok) -> None:
     template, train_rows, eval_rows = prepare_data(cfg, tok)
     console.print(f"{len(train_rows) + len(eval_rows)} conversations ({len(train_rows)} train, "
                   f"{len(eval_rows)} held out); template {template.name}; trained part in ⟦ ⟧:")
-    for conv in train_rows[:2]:
+    for conv in train_rows[:n]:
         text, spans = render_with_spans(tok, template, conv)
         console.print(marked_text(text, spans), highlight=False, markup=False)
         console.print()
+    return template, train_rows, eval_rows
 
 
-def _accuracy_table(acc: dict[str, float]) -> Table:
+def accuracy_table(acc: dict[str, float]) -> Table:
     table = Table(title="held-out accuracy (majority answer: 61.6%)")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
@@ -97,8 +130,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from tunefix.model.load import load_model
     from tunefix.train.evaluate import evaluate
     from tunefix.train.run import load_run
-    from tunefix.train.trainer import prepare_data, train
+    from tunefix.train.trainer import train
 
+    if args.model:
+        check_model(args.model)  # a wrong --model costs one line, before any output
     start = time.perf_counter()
     console = Console(highlight=False)
     console.rule("tunefix demo")
@@ -113,8 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
     console.rule("2. data: the CSV as conversations")
     model, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length,
                             report=lambda line: console.print(line))
-    _preview(console, cfg, tok)
-    template, _, held_out = prepare_data(cfg, tok)
+    template, _, held_out = preview_rows(console, cfg, tok)
 
     console.rule("3. before training (PyTorch, greedy)")
     model.eval()
@@ -134,33 +168,49 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print(after.line())
     del model
 
-    export_dir = None
-    files: list[Path] = [result.run_dir / "adapter", result.run_dir / "loss.png", result.run_dir / "metrics.jsonl"]
+    exported: list[Path] = []
+    ollama_cmd = None
     if not args.no_export:
-        export_dir, exported, ollama_cmd = _export(console, result.run_dir)
-        files += exported
+        _, exported, ollama_cmd = export_run(console, result.run_dir)
         console.rule("7. the same questions in llama.cpp (from the exported files)")
         for gguf in [f for f in exported if f.suffix == ".gguf"]:
-            value = _llama_accuracy(gguf, held_out)
+            value = answer_accuracy(llama_answers(gguf, held_out), held_out)
             acc[f"llama.cpp {gguf.name}"] = value
             console.print(f"{gguf.name}: accuracy {value:.1%}")
 
     console.rule("summary")
-    console.print(_accuracy_table(acc))
-    files.append(_accuracy_png(acc, result.run_dir / "accuracy.png"))
+    print_summary(console, acc, result.run_dir, exported, ollama_cmd)
+    console.print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
+    return 0
+
+
+def print_summary(console: Console, acc: dict[str, float], run_dir: Path, exported: list[Path],
+                  ollama_cmd: str | None) -> Path:
+    """Accuracy table, every file with its place, the ``ollama create`` command; returns the
+    accuracy chart (``run_dir/accuracy.png``)."""
+    console.print(accuracy_table(acc))
+    files = [run_dir / "adapter", run_dir / "loss.png", run_dir / "metrics.jsonl", *exported]
+    files.append(accuracy_png(acc, run_dir / "accuracy.png"))
+    console.print(files_table(files))
+    if ollama_cmd:
+        console.print(f"Ollama: {ollama_cmd}")
+    return files[-1]
+
+
+def files_table(files: list[Path]) -> Table:
     table = Table(title="files")
     table.add_column("what")
     table.add_column("where")
     for f in files:
         table.add_row(f.name, str(f))
-    console.print(table)
-    if export_dir is not None:
-        console.print(f"Ollama: {ollama_cmd}")
-    console.print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
-    return 0
+    return table
 
 
-def _export(console: Console, run_dir: Path) -> tuple[Path, list[Path], str]:
+def export_run(console: Console, run_dir: Path) -> tuple[Path, list[Path], str]:
+    """GGUF f16 + q8_0 (one conversion) and a Modelfile next to ``run_dir``, verified in llama.cpp.
+
+    Returns (export directory, its files, the ``ollama create`` command).
+    """
     from tunefix.export.pipeline import ExportOptions, RichStages, export, result_table
 
     console.rule("6. export: GGUF (f16, q8_0) + Ollama Modelfile, verified in llama.cpp")
@@ -175,19 +225,23 @@ def _export(console: Console, run_dir: Path) -> tuple[Path, list[Path], str]:
     return result.out, files, command
 
 
-def _llama_accuracy(gguf: Path, conversations) -> float:
+def llama_answers(gguf: Path, conversations, max_new_tokens: int = 4) -> list[str]:
+    """llama.cpp's greedy answer to each conversation's question (its last turn left out)."""
     from tunefix.chat import LlamaChat
-    from tunefix.train.evaluate import normalize
 
     bot = LlamaChat(gguf)
-    good = 0
-    for conv in conversations:
-        answer, _ = bot.answer(conv[:-1], max_new_tokens=4)
-        good += normalize(answer) == normalize(conv[-1]["content"])
+    return [bot.answer(conv[:-1], max_new_tokens=max_new_tokens)[0] for conv in conversations]
+
+
+def answer_accuracy(answers: list[str], conversations) -> float:
+    """Exact-match accuracy (normalised as ``tunefix eval`` does) against each last turn."""
+    from tunefix.train.evaluate import normalize
+
+    good = sum(normalize(a) == normalize(c[-1]["content"]) for a, c in zip(answers, conversations, strict=True))
     return good / len(conversations)
 
 
-def _accuracy_png(acc: dict[str, float], out: Path) -> Path:
+def accuracy_png(acc: dict[str, float], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

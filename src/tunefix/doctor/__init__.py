@@ -24,6 +24,7 @@ CHECKS = [
     embeddings.untrained_tokens,
     embeddings.template_untrained_token,
     embeddings.nonfinite_weights,
+    config.unsupported_family,
     config.gemma_exact_gelu,
     config.sliding_window_off_by_one,
     config.fused_projections,

@@ -7,6 +7,7 @@ import json
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tunefix.doctor.report import Report
 
@@ -14,12 +15,15 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
 def findings_table(report: Report) -> Table:
-    table = Table(title=f"tunefix doctor: {report.model}", show_lines=True, expand=True)
+    # Every cell is a Text, not a str: a str is read as rich markup, and the findings quote
+    # templates and tokens such as "[/INST]" or "[INST]", which rich takes for its own tags.
+    table = Table(title=Text(f"tunefix doctor: {report.model}"), show_lines=True, expand=True)
     for col, ratio in (("code", 2), ("severity", 1), ("what", 4), ("evidence", 4), ("fix", 3)):
         table.add_column(col, ratio=ratio, overflow="fold")
     for f in report.findings:
         sev = f.severity + (" (fixed)" if f.fixed else "")
-        table.add_row(f.code, f"[{_STYLE[f.severity]}]{sev}[/]", f.message, f.evidence_text(400), f.fix or "-")
+        table.add_row(Text(f.code), Text(sev, style=_STYLE[f.severity]), Text(f.message),
+                      Text(f.evidence_text(400)), Text(f.fix or "-"))
     return table
 
 
@@ -27,7 +31,7 @@ def print_report(report: Report, console: Console) -> None:
     if report.findings:
         console.print(findings_table(report))
     else:
-        console.print(f"tunefix doctor: {report.model}: no findings")
+        console.print(Text(f"tunefix doctor: {report.model}: no findings"))
     console.print(f"summary: {report.summary()}", highlight=False)
 
 

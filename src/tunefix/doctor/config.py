@@ -8,6 +8,20 @@ from tunefix.doctor.report import Finding
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
 
+def unsupported_family(p: Probe) -> Finding | None:
+    """The doctor still examines a model of another family (its tokenizer, template and
+    embeddings are checked the same way), but says that train and export will refuse it."""
+    from tunefix.model.load import SUPPORTED
+
+    family = p.s.model_type
+    if not family or family in SUPPORTED:
+        return None
+    return Finding("unsupported-family", "warning",
+                   f"model family {family!r} is not supported by tunefix train and export; the checks "
+                   "here still apply", {"model_type": family, "architectures": p.s.config.get("architectures")},
+                   fix=f"none: tunefix trains and exports {', '.join(SUPPORTED)}")
+
+
 def gemma_exact_gelu(p: Probe) -> Finding | None:
     c = p.s.config
     if p.s.model_type not in GEMMA_TYPES:

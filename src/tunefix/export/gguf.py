@@ -14,6 +14,7 @@ files copy their metadata from the base, so the fix is made once.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tunefix._io import atomic_path
+from tunefix._io import atomic_path, inside, out_of_space, safe_name
 from tunefix.errors import TunefixError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ QUANT_TYPES = {
 # Unquantised types, best first: the base of an export is the first one asked for.
 _FLOAT_TYPES = ("f32", "bf16", "f16")
 _DTYPE_TO_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 bytes + an f16 scale
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 Progress = Callable[[str, str], None]  # (stage, detail): "convert"/"quantize"/"patch"
@@ -79,9 +81,11 @@ def base_type(hf_dir: Path, types: Sequence[str]) -> str:
     for t in _FLOAT_TYPES:
         if t in types:
             return t
-    cfg = _read_config(hf_dir)
-    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
-    return _DTYPE_TO_TYPE.get(dtype, "f16")
+    return _DTYPE_TO_TYPE.get(_checkpoint_dtype(_read_config(hf_dir)), "f16")
+
+
+def _checkpoint_dtype(cfg: dict) -> str:
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
 
 
 # ------------------------------------------------------------------------ conversion
@@ -97,33 +101,76 @@ def _stale_quantization(cfg: dict) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == "gguf"
 
 
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _unlisted_added_tokens(hf_dir: Path) -> dict[str, dict]:
+    """Added tokens that llama.cpp's SentencePiece converter would not see, by id.
+
+    That converter builds the vocabulary from ``tokenizer.model`` and adds the tokens
+    listed in ``tokenizer_config.json``'s ``added_tokens_decoder``, which transformers 4
+    wrote and transformers 5 no longer does (it keeps them in tokenizer.json only).
+    A token added after the SentencePiece model was made (tunefix's pad token on Llama 2
+    and Mistral vocabularies, measured) then becomes an unused ``[PAD32000]`` in the GGUF,
+    and llama.cpp tokenises its text as plain characters.
+    """
+    sp_file, tok_file = hf_dir / "tokenizer.model", hf_dir / "tokenizer.json"
+    if not (sp_file.is_file() and tok_file.is_file()):
+        return {}
+    from sentencepiece import SentencePieceProcessor
+
+    listed = _json_or_empty(hf_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    sp = SentencePieceProcessor(model_file=str(sp_file))
+    size = sp.get_piece_size()
+    missing = {}
+    for t in json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens", []):
+        i = t["id"]
+        if str(i) in listed or (i < size and sp.id_to_piece(i) == t["content"]):
+            continue  # the converter already has this one, from one source or the other
+        missing[str(i)] = {k: v for k, v in t.items() if k != "id"}
+    return missing
+
+
 @contextmanager
 def _converter_input(hf_dir: Path) -> Iterator[Path]:
-    """``hf_dir`` itself, or a staged copy (links plus a cleaned config) the converter accepts.
+    """``hf_dir`` itself, or a staged copy (links plus cleaned configs) the converter accepts.
 
     The user's directory is never modified: fixes go into a temporary directory of
-    symbolic links whose config.json alone is rewritten.
+    symbolic links where only config.json (a stale quantisation record) and
+    tokenizer_config.json (added tokens, see ``_unlisted_added_tokens``) are rewritten.
     """
+    rewritten: dict[str, dict] = {}
     cfg = _read_config(hf_dir)
-    if not _stale_quantization(cfg):
+    if _stale_quantization(cfg):
+        cfg.pop("quantization_config")
+        rewritten["config.json"] = cfg
+    added = _unlisted_added_tokens(hf_dir)
+    if added:
+        tok_cfg = _json_or_empty(hf_dir / "tokenizer_config.json")
+        tok_cfg["added_tokens_decoder"] = {**(tok_cfg.get("added_tokens_decoder") or {}), **added}
+        rewritten["tokenizer_config.json"] = tok_cfg
+    if not rewritten:
         yield hf_dir
         return
     with tempfile.TemporaryDirectory(prefix="tunefix-convert-") as tmp:
         staged = Path(tmp) / hf_dir.name
         staged.mkdir()
         for p in hf_dir.iterdir():
-            if p.name != "config.json":
+            if p.name not in rewritten:
                 (staged / p.name).symlink_to(p.resolve())
-        cfg.pop("quantization_config")
-        (staged / "config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+        for name, data in rewritten.items():
+            (staged / name).write_text(json.dumps(data, indent=1), encoding="utf-8")
         yield staged
 
 
-def _check_disk_space(hf_dir: Path, out_dir: Path, factor: float = 1.1) -> None:
-    # A 16-bit conversion is about as large as the 16-bit checkpoint: fail before
-    # writing rather than leave the disk full.
-    need = factor * sum(p.stat().st_size for p in hf_dir.iterdir()
-                        if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+def _check_disk_space(hf_dir: Path, out_dir: Path, outtype: str, factor: float = 1.1) -> None:
+    # The converted file is about as large as the checkpoint times the ratio of bytes per
+    # weight (an f32 file from a bf16 checkpoint: twice; an f16 one from f32 weights:
+    # half): fail before writing rather than leave the disk full.
+    stored = _DTYPE_TO_TYPE.get(_checkpoint_dtype(_read_config(hf_dir)), "bf16")
+    need = factor * _BYTES_PER_WEIGHT[outtype] / _BYTES_PER_WEIGHT[stored] * sum(
+        p.stat().st_size for p in hf_dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
     free = shutil.disk_usage(out_dir).free
     if need > free:
         raise TunefixError(f"not enough disk space in {out_dir}: about {need / 2**30:.1f} GiB "
@@ -169,7 +216,7 @@ def convert(hf_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str
 
     check_config(_read_config(hf_dir))
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk_space(hf_dir, out_file.parent)
+    _check_disk_space(hf_dir, out_file.parent, outtype)
     src = assets.llama_cpp_source()
     log.info("converting HF -> GGUF (%s)", outtype)
     if progress:
@@ -177,14 +224,27 @@ def convert(hf_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str
     with _converter_input(hf_dir) as model_dir, atomic_path(out_file) as tmp:
         run_converter(_converter_command(src, model_dir, tmp, outtype, name or hf_dir.name), src,
                       f"llama.cpp's converter failed on {hf_dir}",
-                      "Check that the directory holds a merged model of a supported family")
+                      "Check that the directory holds a merged model of a supported family", writes=tmp)
     return out_file
 
 
-def run_converter(cmd: list[str], src: Path, failure: str, hint: str) -> None:
-    """Run one of llama.cpp's converter scripts with its own gguf-py; failure -> one line."""
+def _raise_if_disk_full(writes: Path, what: str) -> None:
+    # Inside ``atomic_path(...)``, which turns this OSError into the one-line disk error
+    # and removes the partial file.
+    if out_of_space(writes.parent):
+        raise OSError(errno.ENOSPC, f"{what}: {os.strerror(errno.ENOSPC)}", str(writes))
+
+
+def run_converter(cmd: list[str], src: Path, failure: str, hint: str, *, writes: Path) -> None:
+    """Run one of llama.cpp's converter scripts with its own gguf-py; failure -> one line.
+
+    ``writes``: the file it writes. A child that filled the disk fails with numpy's "N
+    requested and M written" (no errno): measured on a full tmpfs. So a failure is judged
+    a full disk (an OSError, see ``_raise_if_disk_full``) when ``writes``' disk is full.
+    """
     done = subprocess.run(cmd, env=_converter_env(src), capture_output=True, text=True)
     if done.returncode != 0:
+        _raise_if_disk_full(writes, failure)
         raise TunefixError(f"{failure}: {_last_lines(done.stderr)}", hint)
     log.debug("converter output:\n%s", done.stderr)
 
@@ -209,6 +269,8 @@ def quantize(src_gguf: str | os.PathLike, out_file: str | os.PathLike, qtype: st
         rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(),
                                             params)
         if rc != 0:
+            # llama.cpp says only "iostream error" (in its log) when the disk is full.
+            _raise_if_disk_full(tmp, f"llama.cpp could not quantise {src_gguf.name} to {qtype}")
             raise TunefixError(f"llama.cpp could not quantise {src_gguf.name} to {qtype} (code {rc})",
                                "Quantise from an f16, bf16 or f32 file")
     return out_file
@@ -235,11 +297,11 @@ def export_gguf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     wanted = _check_types(types)
     _read_config(hf_dir)  # a missing model is an error before anything is written
-    stem = name or hf_dir.name
+    stem = name or hf_dir.name  # general.name as given; file names pass through safe_name
     base = base_type(hf_dir, wanted)
-    finals = {t: out_dir / gguf_name(stem, t) for t in wanted}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _base_file(out_dir, stem, base) as base_file:
+    finals = {t: inside(out_dir, gguf_name(stem, t)) for t in wanted}
+    with _base_file(out_dir, safe_name(stem), base) as base_file:
         convert(hf_dir, base_file, base, progress, name=stem)
         patches = gguf_meta.fix_metadata(base_file, hf_dir) if fix_metadata else {}
         if patches and progress:

@@ -113,7 +113,8 @@ def convert_lora(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
         stage_adapter(adapter_dir, staged)
         cmd = [sys.executable, str(src / "convert_lora_to_gguf.py"), str(staged), "--base", str(base),
                "--outtype", outtype, "--outfile", str(out_tmp)]
-        run_converter(cmd, src, "llama.cpp's LoRA converter failed", "Export the merged model instead")
+        run_converter(cmd, src, "llama.cpp's LoRA converter failed", "Export the merged model instead",
+                      writes=out_tmp)
     return out_file
 
 

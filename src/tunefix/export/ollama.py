@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunefix._io import write_text
+from tunefix._io import inside, write_text
 from tunefix.errors import TunefixError
 
 
@@ -101,7 +101,7 @@ def parse_modelfile(text: str) -> dict[str, list[str]]:
 def write_modelfile(out_dir: str | os.PathLike, gguf_file: str, spec: OllamaSpec,
                     adapter: str | None = None, name: str = "Modelfile") -> Path:
     """Write ``out_dir/Modelfile`` (atomically) pointing at ``./gguf_file``."""
-    return write_text(Path(out_dir) / name, modelfile_text(spec, f"./{gguf_file}",
+    return write_text(inside(out_dir, name), modelfile_text(spec, f"./{gguf_file}",
                                                            f"./{adapter}" if adapter else None))
 
 

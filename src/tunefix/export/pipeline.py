@@ -6,7 +6,8 @@ to ``--out`` at the end, so an interrupted or failed export leaves nothing under
 name (and an existing ``--out`` replaced with ``--force`` stays intact until then). The
 run directory is only read.
 
-Layout of an export (``NAME`` is the run or model directory's name)::
+Layout of an export (``NAME``: ``--name`` or the run or model directory's name, through
+``tunefix._io.safe_name``, so that no file can land outside ``--out``)::
 
     export.json            manifest: files, template, stop tokens, verification results
     README.md              what is here; the `ollama create` command
@@ -28,14 +29,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunefix._io import write_text
+from tunefix._io import atomic_dir, inside, safe_name, write_text
 from tunefix.errors import TunefixError
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,9 @@ def resolve_source(source: str | os.PathLike) -> Source:
         cfg, summary = read_run(path)
         return Source(path.resolve(), "run", summary.get("base_model") or cfg.model, cfg)
     if (path / "config.json").is_file():
+        from tunefix.model.load import check_model_family
+
+        check_model_family(path)  # before llama.cpp's converter fails on it, minutes in
         return Source(path.resolve(), "model")
     raise TunefixError(f"{path} is neither a tunefix run (summary.json, adapter/) nor a model (config.json)",
                        "Pass the output_dir of a finished `tunefix train`, or a model directory")
@@ -149,33 +152,16 @@ def gguf_types(opts: ExportOptions) -> list[str]:
 
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """A temporary directory next to ``out``; it replaces ``out`` when the block succeeds."""
-    out = out.expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    """A temporary directory next to ``out``; it replaces ``out`` when the block succeeds.
+
+    A full disk anywhere in the export (in process, in llama.cpp's converter or its
+    quantiser) becomes one "no space left on device while writing OUT" error, with the
+    partial export removed (``tunefix._io.atomic_dir``).
+    """
+    with atomic_dir(out.expanduser().resolve(), replace=True) as tmp:
         yield tmp
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             os.chmod(d, 0o755)  # mkdtemp's 0700 would hide the export from an Ollama service
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old / "x", out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------- verification
@@ -312,7 +298,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
         raise TunefixError("--ollama needs a GGUF file", "Ask for one with --gguf, e.g. --gguf q4_k_m")
     if not types and not opts.merged and not opts.lora_only:
         raise TunefixError("nothing to export", "Ask for --gguf types, --merged or --lora-only")
-    name = opts.name or src.path.name
+    name = opts.name or src.path.name  # file names and the README's `ollama create` use safe_name(name)
     events: list[tuple[str, str]] = []
     files: list[dict] = []
     manifest: dict[str, Any] = {"tunefix_export": 1, "source": str(src.path), "source_kind": src.kind,
@@ -352,10 +338,10 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
             with stages.stage(f"copy the PEFT adapter -> {ADAPTER}/"):
                 lora_gguf.copy_adapter(src.path / "adapter", tmp / ADAPTER)
             files.append({"path": ADAPTER, "kind": "peft-adapter", "type": "PEFT LoRA"})
-            lora_name = f"{name}-lora-f16.gguf"
-            with stages.stage(f"convert the adapter -> {lora_name}"):
-                lora_gguf.convert_lora(src.path / "adapter", src.base_model, tmp / lora_name, "f16")
-            files.append({"path": lora_name, "kind": "lora-gguf", "type": "LoRA f16"})
+            lora_file = inside(tmp, f"{name}-lora-f16.gguf")
+            with stages.stage(f"convert the adapter -> {lora_file.name}"):
+                lora_gguf.convert_lora(src.path / "adapter", src.base_model, lora_file, "f16")
+            files.append({"path": lora_file.name, "kind": "lora-gguf", "type": "LoRA f16"})
         if types:
             def progress(stage: str, detail: str) -> None:
                 events.append((stage, detail))
@@ -381,9 +367,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
                 modelfile_from = files[-len(types)]["path"]
                 ollama.write_modelfile(tmp, modelfile_from, spec)
             else:  # LoRA only: the user brings the base model's GGUF
-                (tmp / "Modelfile").write_text(
-                    "# FROM: the base model's GGUF (converted from the base model the run trained on)\n"
-                    + ollama.modelfile_text(spec, "./base-model.gguf", f"./{files[-1]['path']}"), encoding="utf-8")
+                write_text(tmp / "Modelfile",
+                           "# FROM: the base model's GGUF (converted from the base model the run trained on)\n"
+                           + ollama.modelfile_text(spec, "./base-model.gguf", f"./{files[-1]['path']}"))
             files.append({"path": "Modelfile", "kind": "modelfile", "type": "Ollama Modelfile"})
         keep_merged = hf_dir is not None and src.kind == "run" and (opts.merged or opts.verify)
         if keep_merged:
@@ -418,7 +404,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
             f["size"] = _size(tmp / f["path"])
         manifest["files"] = files
         readme = ollama.readme_text(
-            name, files=[(f["path"], f["type"]) for f in files],
+            safe_name(name), files=[(f["path"], f["type"]) for f in files],
             modelfile="Modelfile" if spec else None, gguf_from=modelfile_from,
             merged=keep_merged, lora=[f["path"] for f in files if f["kind"] in ("lora-gguf", "peft-adapter")],
             source=str(src.path))

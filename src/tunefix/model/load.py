@@ -11,6 +11,41 @@ from tunefix.errors import TunefixError
 SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "gemma3_text")
 
 
+def unsupported_family(family: str, architectures: list | None = None) -> TunefixError:
+    """The one-line refusal of a model family tunefix cannot train or export."""
+    arch = f" ({', '.join(map(str, architectures))})" if architectures else ""
+    return TunefixError(f"model family {family!r}{arch} is not supported by tunefix",
+                        f"Pass a model of a supported family: {', '.join(SUPPORTED)} "
+                        "(e.g. Llama 2/3, SmolLM2, Mistral, Qwen2.x, Phi-3, Gemma 1/2/3)")
+
+
+def check_model_family(path: Path) -> None:
+    """Refuse a Hugging Face model directory of an unsupported family from its config.json
+    alone, before any weight is read or any file written: otherwise transformers fails on its
+    own registry (for a type it does not know) or llama.cpp's converter fails minutes into an
+    export. A directory whose config.json names no model (a tunefix run's) passes, as does an
+    unreadable one (the loader reports it with its own message).
+    """
+    import json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    family = config.get("model_type")
+    architectures = config.get("architectures")
+    architectures = architectures if isinstance(architectures, list) else None
+    if not family and not architectures:
+        return
+    if family not in SUPPORTED:
+        raise unsupported_family(str(family or "unknown"), architectures)
+
+
 def cpu_has_bf16() -> bool:
     """bf16 compute pays on a CPU with native bf16 instructions (AVX-512 BF16 / AMX)."""
     import torch
@@ -144,6 +179,7 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
         if not (path / "config.json").exists():
             raise TunefixError(f"{path} has no config.json", "Pass a Hugging Face model directory or a .gguf file")
         check_model_code(path, trust_remote_code)
+        check_model_family(path)
         safetensors = weights_kind(path, allow_pickle) == "safetensors"
         try:
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -151,9 +187,8 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise TunefixError(f"cannot read {path / 'config.json'} ({first[:160]})",
                                "Fix or restore the model's config.json") from None
-        if config.model_type not in SUPPORTED:
-            raise TunefixError(f"model family {config.model_type!r} is not supported yet",
-                               f"tunefix supports {', '.join(SUPPORTED)}")
+        if config.model_type not in SUPPORTED:  # e.g. remote code registering its own type
+            raise unsupported_family(config.model_type)
         quantization = _quantization_config(load_in_4bit)
         try:
             # weights_only=True: opted-in pickle weights may hold tensors and plain containers only.

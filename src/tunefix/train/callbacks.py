@@ -102,5 +102,8 @@ class RichProgress(TrainerCallback):
         self.progress.update(self.task, description=" | ".join(parts))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

@@ -10,16 +10,19 @@ from rich.console import Console
 
 def run_train(args: argparse.Namespace) -> int:
     from tunefix.train.config import load_config
-    from tunefix.train.trainer import train
+    from tunefix.train.trainer import is_main_process, train
 
     cfg = load_config(args.config, args.overrides)
     console = Console()
     result = train(cfg, console=console)
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 reports for all
     last = result.losses[-1][1] if result.losses else float("nan")
     console.print(f"trained {result.steps} steps on {result.train_rows} rows; last loss {last:.4f}")
     if result.eval_losses:
         console.print(f"eval loss {result.eval_losses[-1][1]:.4f} on {result.eval_rows} held-out rows")
-    console.print(f"run directory: {result.run_dir} (adapter/, tokenizer/, loss.png, metrics.jsonl)")
+    weights = "model/" if cfg.method == "full" else "adapter/"
+    console.print(f"run directory: {result.run_dir} ({weights}, tokenizer/, loss.png, metrics.jsonl)")
     return 0
 
 

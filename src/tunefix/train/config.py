@@ -34,6 +34,8 @@ class RunConfig:
     system: str | None = None
     """system prompt added to every conversation"""
     max_seq_length: int = 2048
+    method: str = "lora"
+    """lora (adapters on a frozen base) or full (every weight trained; FSDP under torchrun)"""
     load_in_4bit: bool = False
     lora_r: int = 16
     lora_alpha: int | None = None
@@ -61,6 +63,9 @@ class RunConfig:
     """evaluate every N steps (0: at the end only)"""
     save_steps: int = 50
     logging_steps: int = 1
+    report_to: str = "auto"
+    """where metrics go besides metrics.jsonl: auto (TensorBoard when installed, W&B when installed
+    and logged in or WANDB_MODE=offline), none, or a list: tensorboard,wandb"""
     gradient_checkpointing: str = "on"
     """off, on or offload"""
     loss: str = "chunked"
@@ -102,6 +107,16 @@ class RunConfig:
             raise TunefixError(f"{o('eval_fraction')} must be in [0, 1), got {self.eval_fraction}")
         if self.gradient_checkpointing not in ("off", "on", "offload"):
             raise TunefixError(f"{o('gradient_checkpointing')} must be off, on or offload")
+        if self.method not in ("lora", "full"):
+            raise TunefixError(f"{o('method')} must be lora or full, got {self.method!r}")
+        if self.method == "full" and self.load_in_4bit:
+            raise TunefixError(f"{o('method')} full cannot train 4-bit weights",
+                               f"Use {o('method')} lora with {o('load_in_4bit')} (QLoRA), or drop "
+                               f"{o('load_in_4bit')}")
+        reporters = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        if self.report_to not in ("auto", "none") and (not reporters or set(reporters) - {"tensorboard", "wandb"}):
+            raise TunefixError(f"{o('report_to')} must be auto, none or a list of tensorboard and wandb, "
+                               f"got {self.report_to!r}")
         if self.loss not in ("chunked", "reference"):
             raise TunefixError(f"{o('loss')} must be chunked or reference")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -16,8 +16,8 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
     if not run_dir.is_dir():
         raise TunefixError(f"run directory {run_dir} does not exist",
                            "Pass the output_dir of a completed `tunefix train`")
-    if not summary_file.exists() or not (run_dir / "adapter").is_dir():
-        raise TunefixError(f"{run_dir} is not a finished tunefix run (no summary.json or adapter/)",
+    if not summary_file.exists() or not ((run_dir / "adapter").is_dir() or (run_dir / "model").is_dir()):
+        raise TunefixError(f"{run_dir} is not a finished tunefix run (no summary.json, adapter/ or model/)",
                            "Pass the output_dir of a completed `tunefix train`")
     try:
         cfg_data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
@@ -28,6 +28,11 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
         raise TunefixError(f"{run_dir}: config.json or summary.json is unreadable ({e})",
                            "The run directory is damaged; train again into a new --output-dir") from None
     return build_config(cfg_data), summary
+
+
+def is_full(run_dir: str | Path) -> bool:
+    """A run of ``--method full``: ``model/`` holds every weight, there is no adapter."""
+    return (Path(run_dir) / "model").is_dir() and not (Path(run_dir) / "adapter").is_dir()
 
 
 def load_template(run_dir: Path):
@@ -48,8 +53,12 @@ def load_run(run_dir: str | Path, *, merge: bool = False) -> tuple[Any, Any, Any
 
     run_dir = Path(run_dir)
     cfg, summary = read_run(run_dir)
-    model, _ = load_model(summary["base_model"], max_seq_length=cfg.max_seq_length, report=None)
     tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    if is_full(run_dir):  # full fine-tuning: the trained weights are the whole model
+        model, _ = load_model(str(run_dir / "model"), max_seq_length=cfg.max_seq_length, report=None)
+        model.eval()
+        return model, tok, load_template(run_dir), cfg
+    model, _ = load_model(summary["base_model"], max_seq_length=cfg.max_seq_length, report=None)
     if model.get_input_embeddings().weight.shape[0] < len(tok):  # the doctor added a pad token
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     unfuse_projections(model)  # adapters of fused models were trained on the split parts

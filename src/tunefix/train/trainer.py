@@ -11,6 +11,7 @@ holds the full-vocabulary logits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 
 from tunefix.errors import TunefixError
 from tunefix.train.config import RunConfig
+from tunefix.train.distributed import is_main_process, uses_fsdp
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -36,6 +38,8 @@ class RunResult:
     train_rows: int = 0
     eval_rows: int = 0
     fixes: list[str] = field(default_factory=list)
+    distributed: str = "no"
+    """how the processes shared the work: no (one process), multi_cpu/multi_gpu (DDP) or fsdp"""
 
 
 # ------------------------------------------------------------------------------ data
@@ -152,6 +156,7 @@ def _trainer_class():
 
         loss_impl = "chunked"
         tokens_seen = 0
+        sharded = False  # the model is FSDP-sharded (full fine-tuning in several processes)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from tunefix.model.loss import model_loss
@@ -164,6 +169,16 @@ def _trainer_class():
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
+
+        def _save(self, output_dir=None, state_dict=None):
+            if not self.sharded:
+                return super()._save(output_dir, state_dict)
+            # FSDP: gather the full weights (every rank joins), rank 0 writes plain tensors.
+            from tunefix.train.distributed import full_state_dict
+
+            state = full_state_dict(self.model)
+            if self.args.should_save:
+                super()._save(output_dir, state)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             import torch
@@ -183,21 +198,50 @@ def _optimizer(model, cfg: RunConfig):
     import torch
 
     emb_lr = cfg.embedding_learning_rate or cfg.learning_rate / 10
+    # LoRA: trained embeddings are continued pretraining, always at their lower rate. Full
+    # fine-tuning: one rate for all, unless the user asks for the split.
+    split = cfg.method == "lora" or cfg.train_embeddings or cfg.embedding_learning_rate is not None
     main, emb = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (emb if ("embed_tokens" in name or "lm_head" in name) else main).append(p)
+        (emb if split and ("embed_tokens" in name or "lm_head" in name) else main).append(p)
     groups = [{"params": main, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}]
     if emb:
         groups.append({"params": emb, "lr": emb_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
-def _report_to() -> list[str]:
+def _wandb_configured() -> bool:
+    """W&B can start without asking: an API key, a netrc login, or an offline mode. (Without
+    them wandb.init prompts, or fails in a script, after the model has loaded.)"""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode == "disabled":
+        return False
+    if os.environ.get("WANDB_API_KEY") or mode in ("offline", "dryrun"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def report_to(cfg: RunConfig) -> list[str]:
+    """The metric loggers of ``cfg.report_to``; an asked-for one that is missing is an error."""
     from tunefix._optional import has_tensorboard, has_wandb
 
-    return [n for n, ok in (("tensorboard", has_tensorboard()), ("wandb", has_wandb())) if ok]
+    installed = {"tensorboard": has_tensorboard(), "wandb": has_wandb()}
+    if cfg.report_to == "none":
+        return []
+    if cfg.report_to == "auto":
+        return [n for n in ("tensorboard", "wandb") if installed[n] and (n != "wandb" or _wandb_configured())]
+    wanted = [r.strip() for r in cfg.report_to.split(",") if r.strip()]
+    for name in wanted:
+        if not installed[name]:
+            raise TunefixError(f"{RunConfig.option('report_to')} {name}: {name} is not installed",
+                               f"pip install {name} (or pip install 'tunefix[logging]'), or drop it")
+    return wanted
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
@@ -210,18 +254,31 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
     cuda = torch.cuda.is_available()
     dtype = compute_dtype("cuda" if cuda else "cpu", cfg.precision)
     optim = "adamw_8bit" if cuda and has_bitsandbytes() else "adamw_torch"
+    fsdp = uses_fsdp(cfg.method)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation,
         learning_rate=cfg.learning_rate, lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, optim=optim,
         seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=3, eval_strategy=("steps" if has_eval and cfg.eval_steps else "no"),
-        eval_steps=cfg.eval_steps or None, prediction_loss_only=True, report_to=_report_to(),
+        save_total_limit=3, save_only_model=fsdp, eval_strategy=("steps" if has_eval and cfg.eval_steps else "no"),
+        eval_steps=cfg.eval_steps or None, prediction_loss_only=True, report_to=report_to(cfg),
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu=not cuda, disable_tqdm=True, remove_unused_columns=False, gradient_checkpointing=False,
+        use_cpu=not cuda, disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, logging_nan_inf_filter=False,  # a NaN must reach our stop
     )
+
+
+def _log_into_run_dir(trainer, run_dir: Path) -> None:
+    """TensorBoard events in RUN_DIR/tensorboard, W&B's files in RUN_DIR/wandb (not in the
+    current directory), unless the user's environment says otherwise."""
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
+            cb.logging_dir = str(run_dir / "tensorboard")
+    if "wandb" in trainer.args.report_to:
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -289,6 +346,26 @@ def last_complete_checkpoint(checkpoints: Path, *, clean: bool = False) -> Path 
     return best
 
 
+@contextlib.contextmanager
+def disk_full_as_error(run_dir: Path, owner: bool = True):
+    """A full disk (or quota, or read-only file system) while Trainer writes a checkpoint or
+    we append metrics: one line, and the checkpoint it was writing removed, so the run
+    directory holds complete checkpoints only and ``--resume`` continues from the last one."""
+    from tunefix._io import _DISK_ERRORS, _disk_error
+
+    try:
+        yield
+    except Exception as e:
+        disk = _disk_error(e, run_dir)
+        if disk is None:
+            raise
+        kept = last_complete_checkpoint(run_dir / "checkpoints", clean=True) if owner else None
+        then = (f"then {RunConfig.option('resume')} continues from {kept.name}" if kept
+                else "then train again")
+        raise TunefixError(f"{_DISK_ERRORS[disk]} while writing the run in {run_dir}",
+                           f"Free some space (the unfinished checkpoint was removed), {then}") from None
+
+
 def _remove_partials(run_dir: Path) -> None:
     """Leftovers of atomic writes cut short (``.name.XXXX.partial``); never under a final name."""
     import shutil
@@ -306,16 +383,22 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     from tunefix.model.load import load_model
     from tunefix.model.lora import add_lora
     from tunefix.train.callbacks import LossLog, NonFiniteStop, RichProgress
+    from tunefix.train.memory import first_missing, out_of_memory_as_error
     from tunefix.train.plot import plot_losses
 
     cfg.model = cfg.model or str(assets.smollm2())
     cfg.validate()
+    report_to(cfg)  # an asked-for logger that is not installed: said before anything loads
     run_dir = Path(cfg.output_dir)
     main = is_main_process()  # under torchrun/accelerate only rank 0 owns the run directory
     if main:
         check_run_dir(run_dir, cfg.resume)
     # Every check that can fail on the user's input runs before the run directory is
     # created: a mistake leaves nothing behind. Data and template name first (no model).
+    if cfg.resume and uses_fsdp(cfg.method):
+        raise TunefixError("resuming a full fine-tune run in several processes is not supported (its "
+                           "checkpoints hold the weights only, not the sharded optimizer state)",
+                           f"Resume it in one process, or start again with another {RunConfig.option('output_dir')}")
     prepared = load_rows(cfg)
     if cfg.template:
         from tunefix.templates import get_template
@@ -339,6 +422,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
         checkpoint = last_complete_checkpoint(run_dir / "checkpoints", clean=main)
         if checkpoint is None:
             log.warning("%s has no complete checkpoint yet: training starts from step 0", run_dir)
+    created = first_missing(run_dir)  # removed again if training runs out of memory early
     if main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,10 +431,17 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
                                f"Choose another {RunConfig.option('output_dir')}") from None
         _write_json(run_dir / "config.json", {k: v for k, v in asdict(cfg).items() if k != "extra"})
     torch.manual_seed(cfg.seed)
-    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
-                     train_embeddings=cfg.train_embeddings)
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    else:
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
+                         train_embeddings=cfg.train_embeddings)
     apply_checkpointing(model, cfg.gradient_checkpointing)
+    if uses_fsdp(cfg.method):  # after checkpointing: FSDP wraps the checkpointed layers
+        from tunefix.train.distributed import shard_model
+
+        shard_model(model)
 
     args = training_arguments(cfg, run_dir, bool(eval_rows))
     loss_log = LossLog(run_dir / "metrics.jsonl" if main else None)
@@ -361,11 +452,14 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
                           data_collator=Collator(tok.pad_token_id), optimizers=(_optimizer(model, cfg), None),
                           callbacks=callbacks)
     trainer.loss_impl = cfg.loss
+    _log_into_run_dir(trainer, run_dir)
+    trainer.sharded = uses_fsdp(cfg.method)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs
     loss_log.trainer = trainer
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with out_of_memory_as_error(cfg, trainer, run_dir, created, owner=main), disk_full_as_error(run_dir, main):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.bad_step is not None:
         raise TunefixError(f"the loss became {stop.bad_value} at step {stop.bad_step}; training stopped",
                            likely_cause(model, tok, cfg))
@@ -373,9 +467,16 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
         metrics = trainer.evaluate()
         loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
     result = RunResult(run_dir, trainer.state.global_step, loss_log.train, loss_log.eval,
-                       len(train_rows), len(eval_rows), fixes)
+                       len(train_rows), len(eval_rows), fixes,
+                       "fsdp" if uses_fsdp(cfg.method) else str(trainer.accelerator.distributed_type.value).lower())
+    # Under FSDP every process holds a shard: gathering the full weights is collective.
+    state = None
+    if uses_fsdp(cfg.method):
+        from tunefix.train.distributed import full_state_dict
+
+        state = full_state_dict(trainer.model)
     if main:
-        save_run(run_dir, trainer.model, tok, template, cfg)
+        save_run(run_dir, trainer.accelerator.unwrap_model(trainer.model), tok, template, cfg, state_dict=state)
         plot_losses(loss_log.train, loss_log.eval, run_dir / "loss.png", title=f"tunefix: {Path(cfg.model).name}")
         _write_json(run_dir / "summary.json", {**asdict(result), "run_dir": str(run_dir),
                                                 "base_model": cfg.model})
@@ -401,13 +502,6 @@ def check_against_model_config(cfg: RunConfig) -> None:
                            f"({hidden})", f"Use a rank of at most {hidden}; 8 to 64 is usual")
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch, or a single process."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def likely_cause(model, tok, cfg: RunConfig) -> str:
     """The doctor's best guess at why the loss went NaN/Inf."""
     from tunefix.doctor import examine
@@ -426,24 +520,27 @@ def likely_cause(model, tok, cfg: RunConfig) -> str:
             f"try a lower {RunConfig.option('learning_rate')} or {RunConfig.option('precision')} fp32")
 
 
-def save_run(run_dir: Path, model, tok, template, cfg: RunConfig) -> None:
-    """The adapter (PEFT format), the fixed tokenizer with its template, the template record."""
+def save_run(run_dir: Path, model, tok, template, cfg: RunConfig, state_dict=None) -> None:
+    """The adapter (PEFT format; ``model/`` for full fine-tuning), the fixed tokenizer with its
+    template, the template record."""
     from tunefix._io import atomic_dir, write_text
 
-    adapter = run_dir / "adapter"
-    if adapter.exists():
+    weights = run_dir / ("model" if cfg.method == "full" else "adapter")
+    if weights.exists():
         import shutil
 
-        shutil.rmtree(adapter)
-    with atomic_dir(adapter) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        shutil.rmtree(weights)
+    if template is not None:
+        tok.chat_template = template.jinja
+    with atomic_dir(weights) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        if cfg.method == "full":  # a whole Hugging Face model directory, loadable on its own
+            tok.save_pretrained(str(tmp))
     tok_dir = run_dir / "tokenizer"
     if tok_dir.exists():
         import shutil
 
         shutil.rmtree(tok_dir)
-    if template is not None:
-        tok.chat_template = template.jinja
     with atomic_dir(tok_dir) as tmp:
         tok.save_pretrained(str(tmp))
     if template is not None:

@@ -1,0 +1,100 @@
+"""Running out of memory while training: one line naming the memory options, no traceback,
+and no half-made run directory left in the way of the retry.
+
+torch raises ``torch.OutOfMemoryError`` on CUDA, a ``RuntimeError`` on other devices ("MPS
+backend out of memory", CPU "DefaultCPUAllocator: can't allocate memory"), and Python a
+``MemoryError``; all three mean the same thing to the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunefix.errors import TunefixError
+from tunefix.train.config import RunConfig
+
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXTS)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost directory that creating ``path`` (with parents) would create; None if it exists."""
+    missing = None
+    for p in (path, *path.absolute().parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def memory_hint(cfg: RunConfig, cuda: bool) -> str:
+    """What to change, in the order that usually pays: batch, sequence length, checkpointing,
+    the loss, 4-bit. (On a CPU activations already live in host memory: offload is on there.)"""
+    o = RunConfig.option
+    steps = [f"Lower {o('batch_size')} (now {cfg.batch_size}; raise {o('gradient_accumulation')} to keep "
+             f"the effective batch) or {o('max_seq_length')} (now {cfg.max_seq_length})"]
+    if cfg.gradient_checkpointing == "off":
+        steps.append(f"set {o('gradient_checkpointing')} on")
+    elif cfg.gradient_checkpointing == "on" and cuda:
+        steps.append(f"set {o('gradient_checkpointing')} offload (activations in CPU memory)")
+    if cfg.loss == "reference":
+        steps.append(f"set {o('loss')} chunked (never holds the full-vocabulary logits)")
+    if cuda and not cfg.load_in_4bit:
+        steps.append(f"load the model in 4-bit ({o('load_in_4bit')} true)")
+    return ", ".join(steps[:-1]) + (", or " if len(steps) > 1 else "") + steps[-1]
+
+
+def _clean_up(run_dir: Path, created: Path | None, resume: bool) -> str:
+    """Remove what a fresh run wrote before its first complete checkpoint; keep a run that has one."""
+    from tunefix.train.trainer import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    if checkpoint is not None:
+        return f"; {RunConfig.option('resume')} then continues from {checkpoint.name} in {run_dir}"
+    if resume:
+        return ""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+    elif run_dir.is_dir():  # it existed, empty (a non-empty one is refused): empty it again
+        for p in run_dir.iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return ""
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(cfg: RunConfig, trainer, run_dir: Path, created: Path | None,
+                           *, owner: bool = True) -> Iterator[None]:
+    """Turn running out of memory inside the block into a TunefixError with the options to
+    try. ``created``: the directory this run made (removed again when no checkpoint is worth
+    keeping); ``owner``: this process owns the run directory (rank 0)."""
+    import torch
+
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        from tunefix.train.callbacks import RichProgress
+
+        for cb in trainer.callback_handler.callbacks:  # Trainer skips on_train_end on an exception
+            if isinstance(cb, RichProgress):
+                cb.close()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.empty_cache()
+        keep = _clean_up(run_dir, created, cfg.resume) if owner else ""
+        step = trainer.state.global_step + 1
+        raise TunefixError(
+            f"out of memory in training step {step} (batch {cfg.batch_size} x up to {cfg.max_seq_length} "
+            f"tokens, gradient checkpointing {cfg.gradient_checkpointing}){keep}",
+            memory_hint(cfg, cuda)) from None
