@@ -182,6 +182,8 @@ def test_full_fine_tuning_trains_every_weight_and_exports_as_a_model(tmp_path):
     split = _optimizer(model, _cfg(tmp_path, method="full", embedding_learning_rate=1e-6)).param_groups
     assert [g["lr"] for g in split] == [1e-3, 1e-6]
     assert main(["export", str(run), "--out", str(tmp_path / "export"), "--merged", "--no-verify"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "lora"), "--lora-only"]) == 2
+    assert not (tmp_path / "lora").exists()
     merged = load_file(str(tmp_path / "export" / "merged" / "model.safetensors"))
     key = "model.layers.0.mlp.down_proj.weight"
     assert torch.allclose(merged[key].float(), trained[key], atol=1e-2)

@@ -60,6 +60,15 @@ def choose_pad(tokenizer, used: set[int], stop_ids: list[int]) -> int | None:
         for i, content in candidates:
             if tier(content):
                 return i
+    # Last before adding a token: <unk>, when neither the template nor the data produce it
+    # (byte-fallback vocabularies such as Llama 2's and Mistral's never do) and it is no
+    # BOS/EOS/stop. Padding is masked from attention and loss, so any such id serves, and the
+    # vocabulary keeps its size: a LoRA adapter then needs no resized embeddings and still
+    # fits the user's original base model (in llama.cpp and Ollama too).
+    unk = tokenizer.unk_token_id
+    others = {tokenizer.bos_token_id, tokenizer.eos_token_id} | set(stop_ids) | set(used)
+    if unk is not None and unk not in others and unk < len(tokenizer):
+        return unk
     return None
 
 

@@ -294,6 +294,12 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
     check_out_dir(out, opts.force, src.path)
     if opts.lora_only and src.kind != "run":
         raise TunefixError("--lora-only needs a run directory (a model has no adapter)")
+    from tunefix.train.run import is_full
+
+    full = src.kind == "run" and is_full(src.path)
+    if opts.lora_only and full:
+        raise TunefixError(f"{src.path} is a full fine-tune (--method full): it has no adapter to export alone",
+                           "Export it with --gguf and/or --merged")
     if opts.ollama and not types and not opts.lora_only:
         raise TunefixError("--ollama needs a GGUF file", "Ask for one with --gguf, e.g. --gguf q4_k_m")
     if not types and not opts.merged and not opts.lora_only:
@@ -318,9 +324,10 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
             from tunefix.export.merge import merge_run
             from tunefix.train.run import load_run
 
-            with stages.stage("load run (base + adapter, 16-bit base weights)"):
+            with stages.stage("load run (its full model)" if full else
+                              "load run (base + adapter, 16-bit base weights)"):
                 loaded = load_run(src.path, merge=True)
-            with stages.stage(f"merge LoRA -> {MERGED}/ ({opts.dtype})"):
+            with stages.stage(f"{'save' if full else 'merge LoRA'} -> {MERGED}/ ({opts.dtype})"):
                 hf_dir = merge_run(src.path, tmp / MERGED, dtype=opts.dtype, loaded=loaded)
             del loaded
         elif src.kind == "model":
