@@ -300,3 +300,11 @@ def test_chat_run_and_exported_gguf_give_the_same_greedy_answer(smol, capsys):
         answers[name] = capsys.readouterr().out.strip()
         assert code == 0 and answers[name], name
     assert answers["run"] == answers["gguf"]
+
+
+def test_a_quantised_base_is_recognised_for_the_merge_warning():
+    from tunefix.export.merge import base_is_prequantized
+
+    assert base_is_prequantized(assets.smollm2_gguf())  # Q4_1 tensors: no 16-bit original
+    assert not base_is_prequantized(assets.vocab_gguf("llama-bpe"))  # no quantised tensor
+    assert not base_is_prequantized(tiny.tiny_model("llama"))  # plain safetensors

@@ -37,7 +37,14 @@ def _torch_dtype(name: str):
 
 
 def base_is_prequantized(base: str | os.PathLike) -> bool:
-    """True when the base checkpoint itself is stored in 4/8-bit (bitsandbytes & co.)."""
+    """True when the base checkpoint itself is stored in 4/8-bit (bitsandbytes & co., or a
+    quantised GGUF file: its weights were dequantised to train, there is no 16-bit original)."""
+    if Path(base).suffix == ".gguf" and Path(base).is_file():
+        from gguf import GGMLQuantizationType as T
+        from gguf import GGUFReader
+
+        plain = {T.F32, T.F16, T.BF16}
+        return any(t.tensor_type not in plain for t in GGUFReader(str(base)).tensors)
     cfg_file = Path(base) / "config.json"
     if not cfg_file.is_file():
         return False
