@@ -238,7 +238,7 @@ def test_offload_on_cpu_is_on_and_bad_settings_fail(model_dir, monkeypatch):
     assert checkpointing.is_checkpointing(model)
     with pytest.raises(TunefixError):
         checkpointing.apply_checkpointing(model, "sometimes")
-    monkeypatch.setenv(loss.IMPL_ENV, "fused")
+    monkeypatch.setenv(loss.IMPL_ENV, "fastest")
     with pytest.raises(TunefixError):
         loss.resolve_impl()
     monkeypatch.setenv(loss.IMPL_ENV, "reference")

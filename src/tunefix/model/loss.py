@@ -17,13 +17,23 @@ chunk's logits in the backward (a fourth matmul); it is kept for lm_heads that a
 plain ``nn.Linear`` (a LoRA-wrapped or ``modules_to_save`` lm_head), whose forward we
 must call rather than read a weight from.
 
+On CUDA (with triton installed) ``chunked`` resolves to ``fused``: the same chunks and
+matmuls, but each chunk's log-sum-exp, loss and gradient come from one Triton kernel
+(``triton_ce``) that reads the matmul's logits in their own dtype and overwrites them with
+their gradient in place: three passes over the chunk instead of the torch code's eight or
+so, and no other (chunk x vocab) tensor (the torch code adds an fp32 copy of bf16 logits,
+a capped copy under a softcap and a bf16 copy of the gradient). On CPU ``chunked`` is the
+torch code. ``TUNEFIX_TRITON=0`` keeps the torch code on CUDA too.
+
 ``reference`` computes the plain logits and hands them to transformers' own
 ``ForCausalLMLoss``, so the two paths are compared against the semantics Hugging Face
 trains with (label shift, ``ignore_index``, ``num_items_in_batch``). Choose with the
-``impl`` argument or ``TUNEFIX_LOSS=reference|chunked``.
+``impl`` argument or ``TUNEFIX_LOSS=reference|chunked|fused`` (``fused`` insists on the
+kernel: an error where it cannot run).
 
 Written by hand because neither transformers nor peft offer a chunked loss for CPU; the
-fused CUDA kernels of the field are not used (and not copied).
+fused CUDA kernels of other projects are not used (and not copied): ours is written from
+the math.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunefix.errors import TunefixError
 
-IMPLS = ("reference", "chunked")
+IMPLS = ("reference", "chunked", "fused")
 IMPL_ENV = "TUNEFIX_LOSS"
 # Elements of one chunk's (tokens x vocab) fp32 logits: 2**25 is 128 MB, about 260
 # tokens of a 128k vocabulary and 680 of SmolLM2's 49k. Smaller chunks save little more
@@ -48,14 +58,29 @@ IMPL_ENV = "TUNEFIX_LOSS"
 CHUNK_ELEMENTS = 1 << 25
 
 
-def resolve_impl(impl: str | None = None) -> str:
-    """The loss implementation to use: ``impl``, else ``$TUNEFIX_LOSS``, else ``chunked``."""
+def resolve_impl(impl: str | None = None, device: torch.device | str | None = None) -> str:
+    """The loss implementation to use: ``impl``, else ``$TUNEFIX_LOSS``, else ``chunked``.
+
+    With the ``device`` of the hidden states, ``chunked`` becomes ``fused`` where the
+    Triton kernel runs there (CUDA and triton, or the Triton interpreter).
+    """
     chosen = impl or os.environ.get(IMPL_ENV) or "chunked"
     if chosen not in IMPLS:
         source = "impl" if impl else IMPL_ENV
         raise TunefixError(f"unknown loss implementation {chosen!r} (from {source})",
                            f"Choose one of {', '.join(IMPLS)}")
-    return chosen
+    if device is None or chosen == "reference":
+        return chosen
+    from tunefix.model import triton_ce
+
+    if triton_ce.supports(device):
+        return "fused"
+    if chosen == "fused":
+        raise TunefixError(f"the fused loss needs triton and a CUDA device (hidden states on "
+                           f"{torch.device(device)}, {triton_ce.DISABLE_ENV}="
+                           f"{os.environ.get(triton_ce.DISABLE_ENV, 'unset')})",
+                           "Use the chunked loss: the kernel where it runs, torch elsewhere")
+    return "chunked"
 
 
 def shift_labels_of(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -88,7 +113,8 @@ def causal_lm_loss(
         of by the number of scored tokens (gradient accumulation over micro-batches, as in
         transformers' Trainer).
     softcap: Gemma 2's ``final_logit_softcapping``: logits become ``c * tanh(logits / c)``.
-    impl: ``chunked`` or ``reference`` (default: ``$TUNEFIX_LOSS``, else ``chunked``).
+    impl: ``chunked``, ``fused`` or ``reference`` (default: ``$TUNEFIX_LOSS``, else
+        ``chunked``, which is ``fused`` where the Triton kernel runs).
     chunk_size: tokens per chunk (default: about 128 MB of fp32 logits per chunk).
 
     Returns an fp32 scalar.
@@ -100,11 +126,13 @@ def causal_lm_loss(
     if shift_labels.shape != hidden.shape[:-1]:
         raise TunefixError(f"labels of shape {tuple(shift_labels.shape)} do not match hidden "
                            f"states of shape {tuple(hidden.shape)}")
-    if resolve_impl(impl) == "reference":
+    chosen = resolve_impl(impl, hidden.device)
+    if chosen == "reference":
         return reference_loss(hidden, lm_head, shift_labels, num_items_in_batch=num_items_in_batch,
                               ignore_index=ignore_index, softcap=softcap)
     return chunked_loss(hidden, lm_head, shift_labels, num_items_in_batch=num_items_in_batch,
-                        ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size)
+                        ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size,
+                        fused=chosen == "fused")
 
 
 def reference_loss(hidden, lm_head, shift_labels, *, num_items_in_batch=None, ignore_index=-100,
@@ -120,8 +148,13 @@ def reference_loss(hidden, lm_head, shift_labels, *, num_items_in_batch=None, ig
 
 
 def chunked_loss(hidden, lm_head, shift_labels, *, num_items_in_batch=None, ignore_index=-100,
-                 softcap=None, chunk_size=None) -> torch.Tensor:
-    """The memory-lean path (see the module docstring)."""
+                 softcap=None, chunk_size=None, fused=False) -> torch.Tensor:
+    """The memory-lean path (see the module docstring).
+
+    ``fused``: each chunk's cross-entropy by the Triton kernel, where lm_head is a plain
+    ``nn.Linear`` with a plain weight, computing in fp32, bf16 or fp16 (else the torch
+    code, silently).
+    """
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H), N = B * T
     targets = shift_labels.reshape(-1).to(flat.device)  # (N,)
     keep = (targets != ignore_index).nonzero().squeeze(1)  # (M,) scored positions
@@ -136,8 +169,13 @@ def chunked_loss(hidden, lm_head, shift_labels, *, num_items_in_batch=None, igno
         # Nothing to score: keep the graph connected so backward() still works.
         total = flat.sum().float() * 0.0
     elif weight is not None:
+        compute_dtype = _compute_dtype(scored.device.type, weight.dtype)
+        from tunefix.model import triton_ce
+
+        # A tensor subclass (a DTensor shard, say) would reach the kernel as raw memory.
+        fused = fused and compute_dtype in triton_ce.DTYPES and type(weight.data) is torch.Tensor
         total = _LinearCrossEntropy.apply(scored, weight, bias, targets, softcap, chunk,
-                                          _compute_dtype(scored.device.type, weight.dtype))
+                                          compute_dtype, ignore_index if fused else None)
     else:
         total = _module_chunks(scored, lm_head, targets, softcap, chunk)
 
@@ -188,7 +226,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, compute_dtype, fused_ignore):
+        # fused_ignore: None for the torch code, else the ignore_index for the Triton kernel.
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         rows = hidden.shape[0]
@@ -203,26 +242,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 stop = min(start + chunk, rows)
                 h = hidden[start:stop].to(compute_dtype)  # (C, H)
                 t = targets[start:stop]  # (C,)
-                logits = F.linear(h, w, b).float()  # (C, V) fp32: the largest tensor made here
-                tanh = None
-                if softcap:
-                    tanh = logits.div_(softcap).tanh_()  # (C, V), in place
-                    logits = tanh * softcap  # (C, V)
-                # log-sum-exp by hand rather than torch.logsumexp: its exp is also the
-                # softmax the gradient needs, so the (C, V) exp is made once, in place.
-                top = logits.amax(dim=-1, keepdim=True)  # (C, 1)
-                picked = logits.gather(1, t[:, None])  # (C, 1)
-                exp = logits.sub_(top).exp_()  # (C, V), in place of the logits
-                norm = exp.sum(dim=-1, keepdim=True)  # (C, 1)
-                total += (top + norm.log() - picked).sum()
-                if not (need_h or need_w or need_b):
+                want_grad = need_h or need_w or need_b
+                if fused_ignore is not None:
+                    # Logits in the compute dtype, overwritten by their gradient (C, V).
+                    grad = F.linear(h, w, b)
+                    total += _fused_chunk(grad, t, softcap, want_grad, fused_ignore)
+                else:
+                    part, grad = _torch_chunk(F.linear(h, w, b).float(), t, softcap, want_grad)
+                    total += part
+                if not want_grad:
                     continue
-                # d(lse - logit_t)/d logits = softmax - onehot(t), made in place.
-                grad = exp.div_(norm)  # (C, V)
-                grad[torch.arange(stop - start, device=grad.device), t] -= 1.0
-                if tanh is not None:
-                    grad.mul_(1.0 - tanh.square_())  # d(c * tanh(x / c))/dx = 1 - tanh^2
-                grad_c = grad.to(compute_dtype)  # (C, V)
+                grad_c = grad.to(compute_dtype)  # (C, V); no copy when fused
                 if need_h:
                     grad_h[start:stop] = grad_c @ w  # (C, H)
                 if need_w and compute_dtype == torch.float32:
@@ -230,7 +260,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 elif need_w:
                     grad_w += (grad_c.t() @ h).float()  # (V, H)
                 if need_b:
-                    grad_b += grad.sum(0)  # (V,)
+                    grad_b += grad.sum(0, dtype=torch.float32)  # (V,)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -244,7 +274,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_h = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
         out_w = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         out_b = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None
+
+
+def _torch_chunk(logits, targets, softcap, want_grad):
+    """(loss sum, d loss / d logits or None) of fp32 logits (C, V), consumed in place."""
+    tanh = None
+    if softcap:
+        tanh = logits.div_(softcap).tanh_()  # (C, V), in place
+        logits = tanh * softcap  # (C, V)
+    # log-sum-exp by hand rather than torch.logsumexp: its exp is also the softmax the
+    # gradient needs, so the (C, V) exp is made once, in place.
+    top = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+    picked = logits.gather(1, targets[:, None])  # (C, 1)
+    exp = logits.sub_(top).exp_()  # (C, V), in place of the logits
+    norm = exp.sum(dim=-1, keepdim=True)  # (C, 1)
+    total = (top + norm.log() - picked).sum()
+    if not want_grad:
+        return total, None
+    # d(lse - logit_t)/d logits = softmax - onehot(t), made in place.
+    grad = exp.div_(norm)  # (C, V)
+    grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+    if tanh is not None:
+        grad.mul_(1.0 - tanh.square_())  # d(c * tanh(x / c))/dx = 1 - tanh^2
+    return total, grad
+
+
+def _fused_chunk(logits, targets, softcap, want_grad, ignore_index):
+    """The loss sum of logits (C, V); with ``want_grad`` they become its gradient, in place.
+
+    chunked_loss dropped the ignored rows already; a target out of range gives a nan loss
+    (the torch code raises on CPU and asserts on CUDA).
+    """
+    from tunefix.model import triton_ce
+
+    return triton_ce.cross_entropy_(logits, targets, ignore_index=ignore_index, softcap=softcap,
+                                    grad=want_grad).sum()
 
 
 def _chunk_ce_sum(lm_head, hidden, targets, softcap):

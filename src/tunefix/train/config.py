@@ -69,7 +69,8 @@ class RunConfig:
     gradient_checkpointing: str = "on"
     """off, on or offload"""
     loss: str = "chunked"
-    """chunked (never materialises the full logits) or reference"""
+    """chunked (never materialises the full logits; a Triton kernel per chunk on CUDA), fused
+    (insists on that kernel) or reference"""
     packing: bool = False
     precision: str = "auto"
     """auto (bf16 where the hardware has it), bf16 or fp32"""
@@ -117,8 +118,8 @@ class RunConfig:
         if self.report_to not in ("auto", "none") and (not reporters or set(reporters) - {"tensorboard", "wandb"}):
             raise TunefixError(f"{o('report_to')} must be auto, none or a list of tensorboard and wandb, "
                                f"got {self.report_to!r}")
-        if self.loss not in ("chunked", "reference"):
-            raise TunefixError(f"{o('loss')} must be chunked or reference")
+        if self.loss not in ("chunked", "fused", "reference"):
+            raise TunefixError(f"{o('loss')} must be chunked, fused or reference")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise TunefixError(f"{o('precision')} must be auto, bf16 or fp32")
         for name in ("warmup_steps", "eval_steps", "weight_decay"):
