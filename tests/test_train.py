@@ -356,3 +356,16 @@ def test_unknown_logger_is_refused_before_loading(capsys, monkeypatch):
     code = main(["train", str(EXAMPLES / "titanic.yaml"), "--report-to", "mlflow"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--report-to must be auto, none or a list" in err[0], err
+
+
+def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path):
+    # Mask dropped + selective checkpointing + lean allocator vs the batch as given + `on`.
+    from tunefix.train.trainer import train
+
+    ref = train(_cfg(tmp_path, output_dir=str(tmp_path / "ref"), max_steps=3, save_steps=10,
+                     drop_padding_mask=False, gradient_checkpointing="on"))
+    fast = train(_cfg(tmp_path, output_dir=str(tmp_path / "fast"), max_steps=3, save_steps=10,
+                      drop_padding_mask=True, gradient_checkpointing="selective", cpu_allocator="lean"))
+    assert [s for s, _ in fast.losses] == [1, 2, 3]
+    for (_, a), (_, b) in zip(ref.losses, fast.losses, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)

@@ -1,4 +1,4 @@
-"""Gradient checkpointing modes: ``off``, ``on``, ``offload``.
+"""Gradient checkpointing modes: ``off``, ``on``, ``offload``, ``selective``.
 
 ``on`` is transformers' own activation checkpointing of each decoder layer, non-reentrant
 (the reentrant variant needs inputs that require grad and breaks with frozen embeddings
@@ -15,6 +15,11 @@ its recompute starts. transformers 5 has an ``offload=True`` of its own (torch's
 ``save_on_cpu`` around each checkpoint); we do not use it because it copies on the
 compute stream, synchronously, both ways. On a CPU the tensors are already in host
 memory and ``offload`` is ``on``.
+
+``selective`` checkpoints the same layers but keeps each layer's attention output from the
+forward, so the backward's recompute skips attention (``tunefix.model.selective``): for
+about one hidden-state tensor a layer, the one recomputed part whose cost grows with the
+square of the sequence is gone. ``on`` is its reference.
 
 How: transformers calls ``layer._gradient_checkpointing_func(forward, *args)`` for each
 checkpointed layer, an attribute it sets on each layer instance for this purpose. We set
@@ -38,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from tunefix.errors import TunefixError
 from tunefix.model.loss import unwrap
 
-MODES = ("off", "on", "offload")
+MODES = ("off", "on", "offload", "selective")
 
 
 def apply_checkpointing(model: nn.Module, mode: str, *, force_copy: bool = False) -> Offloader | None:
@@ -72,6 +77,12 @@ def apply_checkpointing(model: nn.Module, mode: str, *, force_copy: bool = False
     if mode == "on":
         return None
     layers = _checkpointed_layers(base)
+    if mode == "selective":
+        from tunefix.model.selective import selective_checkpoint
+
+        for layer in layers:
+            layer._gradient_checkpointing_func = selective_checkpoint
+        return None
     device_type = next(base.parameters()).device.type
     if device_type == "cpu" and not force_copy:
         return None  # already in host memory: offload is on

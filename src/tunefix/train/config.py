@@ -67,7 +67,13 @@ class RunConfig:
     """where metrics go besides metrics.jsonl: auto (TensorBoard when installed, W&B when installed
     and logged in or WANDB_MODE=offline), none, or a list: tensorboard,wandb"""
     gradient_checkpointing: str = "on"
-    """off, on or offload"""
+    """off, on, offload (layer inputs in CPU memory on CUDA) or selective (attention outputs
+    kept: no attention recompute in the backward)"""
+    drop_padding_mask: bool = True
+    """right-padded batches with unscored padding run causal attention without a mask (faster;
+    same loss and gradients)"""
+    cpu_allocator: str = "default"
+    """default, or lean (glibc malloc tuned on CPU: about 3x less peak memory, about 1.4x slower)"""
     loss: str = "chunked"
     """chunked (never materialises the full logits; a Triton kernel per chunk on CUDA), fused
     (insists on that kernel) or reference"""
@@ -106,8 +112,10 @@ class RunConfig:
             raise TunefixError(f"{o('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.eval_fraction < 1:
             raise TunefixError(f"{o('eval_fraction')} must be in [0, 1), got {self.eval_fraction}")
-        if self.gradient_checkpointing not in ("off", "on", "offload"):
-            raise TunefixError(f"{o('gradient_checkpointing')} must be off, on or offload")
+        if self.gradient_checkpointing not in ("off", "on", "offload", "selective"):
+            raise TunefixError(f"{o('gradient_checkpointing')} must be off, on, offload or selective")
+        if self.cpu_allocator not in ("default", "lean"):
+            raise TunefixError(f"{o('cpu_allocator')} must be default or lean, got {self.cpu_allocator!r}")
         if self.method not in ("lora", "full"):
             raise TunefixError(f"{o('method')} must be lora or full, got {self.method!r}")
         if self.method == "full" and self.load_in_4bit:

@@ -157,11 +157,14 @@ def _trainer_class():
         loss_impl = "chunked"
         tokens_seen = 0
         sharded = False  # the model is FSDP-sharded (full fine-tuning in several processes)
+        drop_mask = True  # causal attention without the padding mask where that changes nothing
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from tunefix.model.loss import model_loss
+            from tunefix.model.padding import drop_padding_mask
 
             self.tokens_seen += int(inputs["attention_mask"].sum())
+            inputs = drop_padding_mask(inputs, enabled=self.drop_mask)
             loss = model_loss(model, inputs, num_items_in_batch=num_items_in_batch, impl=self.loss_impl)
             # num_items_in_batch counts the tokens of all processes; DDP then averages the
             # gradients over processes, so each loss is scaled back up by their number (as
@@ -454,6 +457,12 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     trainer.loss_impl = cfg.loss
     _log_into_run_dir(trainer, run_dir)
     trainer.sharded = uses_fsdp(cfg.method)
+    trainer.drop_mask = cfg.drop_padding_mask
+    if cfg.cpu_allocator == "lean" and not torch.cuda.is_available():
+        from tunefix.model.allocator import tune_cpu_allocator
+
+        tuning = tune_cpu_allocator()
+        log.info("cpu allocator: %s", tuning)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs

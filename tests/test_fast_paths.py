@@ -1,0 +1,114 @@
+"""CPU training fast paths against their references, on a tiny Llama in fp32.
+
+- checkpointing ``selective`` (attention outputs kept) against ``on``;
+- ``drop_padding_mask`` (causal attention alone for right-padded batches) against the
+  batch with its mask.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tunefix.model import checkpointing, loss
+from tunefix.model.padding import drop_padding_mask
+from tunefix.model.selective import KEPT_OPS
+
+B, T = 2, 40
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from tunefix.tiny import tiny_model
+
+    return tiny_model("llama")
+
+
+def _lora_model(model_dir, mode="on"):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero; make the adapters matter for the gradients
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    checkpointing.apply_checkpointing(model, mode)
+    return model
+
+
+def _batch(padding="right"):
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 128256, (B, T), generator=g)
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    if padding == "right":
+        attention_mask[1, 28:] = 0
+    elif padding == "left":
+        attention_mask[1, :12] = 0
+    labels = input_ids.clone()
+    labels[:, :8] = -100  # the prompt
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class _CountAttention(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in KEPT_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def _loss_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    value = loss.model_loss(model, batch)
+    value.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return value.detach(), grads
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-7):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_selective_checkpointing_equals_on_and_skips_the_attention_recompute(model_dir):
+    batch = drop_padding_mask(_batch("right"))
+    results, calls = {}, {}
+    for mode in ("on", "selective"):
+        model = _lora_model(model_dir, mode)
+        assert checkpointing.is_checkpointing(model)
+        with _CountAttention() as counter:
+            results[mode] = _loss_grads(model, batch)
+        calls[mode] = counter.calls
+    _assert_same(results["selective"], results["on"], rtol=0, atol=0)
+    layers = 2
+    assert calls["on"] == 2 * layers  # forward, then again in the backward's recompute
+    assert calls["selective"] == layers  # the backward reuses the forward's output
+
+
+def test_right_padded_batch_drops_its_mask_with_equal_loss_and_grads(model_dir):
+    batch = _batch("right")
+    fast = drop_padding_mask(batch)
+    assert "attention_mask" not in fast and "attention_mask" in batch  # a new dict
+    assert "attention_mask" in drop_padding_mask(batch, enabled=False)  # the reference
+    model = _lora_model(model_dir)
+    _assert_same(_loss_grads(model, fast), _loss_grads(model, batch))
+
+
+@pytest.mark.parametrize("case", ["left", "scored-padding", "no-labels"])
+def test_mask_kept_where_it_matters(case):
+    batch = _batch("left" if case == "left" else "right")
+    if case == "scored-padding":
+        batch["labels"][1, -1] = 5
+    if case == "no-labels":
+        del batch["labels"]
+    assert "attention_mask" in drop_padding_mask(batch)
