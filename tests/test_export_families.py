@@ -324,3 +324,17 @@ def test_disk_space_check_scales_with_the_output_type(tmp_path, monkeypatch):
     gguf._check_disk_space(tmp_path, tmp_path, "f16")  # 1100 bytes needed
     with pytest.raises(TunefixError, match="not enough disk space"):
         gguf._check_disk_space(tmp_path, tmp_path, "f32")  # 2200 bytes: twice the bf16 weights
+
+
+def test_disk_space_message_names_the_chosen_directory_not_the_staging_one(tmp_path, monkeypatch):
+    from tunefix.errors import TunefixError
+    from tunefix.export import gguf
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    staging = tmp_path / "out" / ".export.abc123.partial"
+    staging.mkdir(parents=True)
+    monkeypatch.setattr(gguf.shutil, "disk_usage", lambda d: shutil._ntuple_diskusage(10**6, 0, 10))
+    with pytest.raises(TunefixError) as err:
+        gguf._check_disk_space(tmp_path, staging, "f16")
+    assert f"not enough disk space in {tmp_path / 'out'}:" in err.value.one_line()

@@ -173,7 +173,11 @@ def _check_disk_space(hf_dir: Path, out_dir: Path, outtype: str, factor: float =
         p.stat().st_size for p in hf_dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
     free = shutil.disk_usage(out_dir).free
     if need > free:
-        raise TunefixError(f"not enough disk space in {out_dir}: about {need / 2**30:.1f} GiB "
+        # The export writes into a hidden staging directory: name the directory the user chose.
+        shown = out_dir
+        while shown.name.startswith(".") and shown.name.endswith(".partial"):
+            shown = shown.parent
+        raise TunefixError(f"not enough disk space in {shown}: about {need / 2**30:.1f} GiB "
                            f"needed, {free / 2**30:.1f} GiB free", "Free some space or choose another --out")
 
 
