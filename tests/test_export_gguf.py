@@ -8,10 +8,9 @@ tie. The measured max abs difference (about 0.001 at f16) is far below MARGIN.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
+from _logs import log_lines
 from tunefix.errors import TunefixError
 from tunefix.export import gguf, gguf_arch, gguf_meta, verify
 
@@ -32,15 +31,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     from tunefix import assets
@@ -48,19 +38,11 @@ def smol(tmp_path_factory):
     hf = assets.smollm2()
     out = tmp_path_factory.mktemp("smol")
     events: list[tuple[str, str]] = []
-    handler = _Lines()
-    logger = logging.getLogger("tunefix.export.gguf")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with log_lines("tunefix.export.gguf") as lines:
         files = gguf.export_gguf(hf, out, ["f16", "q8_0", "q4_k_m"],
                                  progress=lambda stage, detail: events.append((stage, detail)))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     tok = verify.load_tokenizer(hf)
-    return {"hf": hf, "out": out, "files": files, "events": events, "log": handler.lines,
+    return {"hf": hf, "out": out, "files": files, "events": events, "log": lines,
             "tok": tok, "model": verify.load_reference(hf)}
 
 

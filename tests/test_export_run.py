@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import pytest
 
+from _logs import log_lines
 from tunefix import assets, tiny
 from tunefix.cli import main
 
@@ -45,32 +45,16 @@ def _train(out: Path, model: str, template: str):
     return train(cfg).run_dir
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     root = tmp_path_factory.mktemp("smol")
     run = _train(root / "run", str(assets.smollm2()), "chatml")
     before = tree_digest(run)
     out = root / "export"
-    handler, logger = _Lines(), logging.getLogger("tunefix.export.gguf")
-    logger.addHandler(handler)
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with log_lines("tunefix.export.gguf") as lines:
         rc = main(["export", str(run), "--out", str(out), "--gguf", "f16,q8_0,q4_k_m", "--ollama"])
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old)
     manifest = json.loads((out / "export.json").read_text())
-    return {"run": run, "out": out, "rc": rc, "log": handler.lines, "manifest": manifest, "before": before}
+    return {"run": run, "out": out, "rc": rc, "log": lines, "manifest": manifest, "before": before}
 
 
 @pytest.mark.slow

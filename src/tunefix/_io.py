@@ -92,21 +92,16 @@ def _prepare_parent(final: Path) -> None:
             "Choose an output path whose parent is a directory you can write to") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once the directory entry is on disk.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
+    """fsync a file, or a directory (a rename is durable only once its entry is on disk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_fsync_dir = _fsync_file
 
 
 def _umask() -> int:

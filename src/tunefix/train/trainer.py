@@ -149,7 +149,11 @@ def packed_mask(rows: list[dict], width: int) -> dict:
 
 
 def _trainer_class():
+    import torch
     from transformers import Trainer
+
+    from tunefix.model.loss import model_loss
+    from tunefix.model.padding import drop_padding_mask
 
     class TunefixTrainer(Trainer):
         """transformers' Trainer with tunefix's loss; everything else unchanged."""
@@ -160,9 +164,6 @@ def _trainer_class():
         drop_mask = True  # causal attention without the padding mask where that changes nothing
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from tunefix.model.loss import model_loss
-            from tunefix.model.padding import drop_padding_mask
-
             self.tokens_seen += int(inputs["attention_mask"].sum())
             inputs = drop_padding_mask(inputs, enabled=self.drop_mask)
             loss = model_loss(model, inputs, num_items_in_batch=num_items_in_batch, impl=self.loss_impl)
@@ -184,10 +185,6 @@ def _trainer_class():
                 super()._save(output_dir, state)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            import torch
-
-            from tunefix.model.loss import model_loss
-
             inputs = self._prepare_inputs(inputs)
             with torch.no_grad(), self.compute_loss_context_manager():
                 loss = model_loss(model, inputs, impl=self.loss_impl)
