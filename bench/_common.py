@@ -5,12 +5,13 @@ context-length figure are about the same training code:
 
 - baseline: what a careful user writes with transformers + PEFT: gradient checkpointing on
   (non-reentrant, model.train()), ``model(**batch).loss``.
-- tunefix: on a CPU ``tune_cpu_allocator()`` (glibc thresholds, ``tunefix.model.allocator``)
-  and ``apply_checkpointing(model, "selective")`` (each layer's attention output kept,
+- tunefix: on a CPU ``tune_cpu_allocator()`` (glibc thresholds, ``tunefix.model.allocator``,
+  with torch's huge pages: ``child_env``) and ``apply_checkpointing(model, "selective")`` (each layer's attention output kept,
   ``tunefix.model.selective``); on CUDA ``apply_checkpointing(model, "offload")`` (the
   saved layer inputs in pinned host memory); on both ``drop_padding_mask`` (right-padded
   batches attend causally, without the mask: ``tunefix.model.padding``) and
-  ``model_loss`` (chunked lm_head + cross-entropy on the scored tokens only).
+  ``model_loss`` (chunked lm_head + cross-entropy on the scored tokens only), and
+  ``fuse_lora_forward`` (each LoRA update accumulated into its base output).
   ``--checkpointing`` picks another mode for the tunefix side.
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct, real weights), ``tiny128k`` (hidden 256,
@@ -79,11 +80,18 @@ def model_argv(args, precision: str) -> list[str]:
             f"--checkpointing={args.checkpointing}", "--allocator", args.allocator]
 
 
-def child_env() -> dict:
+def child_env(args=None, side: str = "baseline") -> dict:
+    """The environment of a child process; the tunefix side with the tuned allocator on a CPU
+    also gets torch's huge pages (they must be on before the child imports torch)."""
     import os
 
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                TOKENIZERS_PARALLELISM="false")
+    from tunefix.model.allocator import THP_ENV, kernel_has_huge_pages
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if (side == "tunefix" and args is not None and args.device == "cpu" and args.allocator == "tuned"
+            and kernel_has_huge_pages()):
+        env.setdefault(THP_ENV, "1")
+    return env
 
 
 def cpu_has_bf16() -> bool:
@@ -270,16 +278,19 @@ def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: s
 
     from tunefix.model.allocator import tune_cpu_allocator
     from tunefix.model.checkpointing import apply_checkpointing
+    from tunefix.model.fused_lora import fuse_lora_forward
     from tunefix.model.loss import model_loss
     from tunefix.model.padding import drop_padding_mask
 
     # Process-wide malloc settings: the start of training, CPU only (on CUDA the
     # activations are not in malloc's heap).
-    notes = {"allocator": tune_cpu_allocator(enabled=device == "cpu" and allocator == "tuned").applied}
+    tuning = tune_cpu_allocator(enabled=device == "cpu" and allocator == "tuned")
+    notes = {"allocator": dict(tuning.applied, huge_pages=tuning.huge_pages) if tuning else {}}
     # CPU: memory is what the allocator gave back; spend a little of it on keeping each
     # layer's attention output. CUDA: the saved layer inputs go to host memory.
     notes["checkpointing"] = checkpointing or ("selective" if device == "cpu" else "offload")
     apply_checkpointing(model, notes["checkpointing"])
+    notes["fused_lora_layers"] = fuse_lora_forward(model)
 
     def step_loss(batch):
         return model_loss(model, drop_padding_mask(batch))

@@ -88,7 +88,7 @@ def run_probe(args, precision: str, side: str, seq: int, budget_mb: float | None
         if args.budget_gb:
             cmd += ["--budget-gb", str(args.budget_gb)]
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, env=common.child_env(), stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, env=common.child_env(args, side), stderr=subprocess.PIPE, text=True)
         killed = None
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

@@ -138,9 +138,9 @@ def run_sides(args, precision: str) -> tuple[dict, dict]:
     to run during a busy minute.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        env = child_env()
         procs, outs = {}, {}
         for side in SIDES:
+            env = child_env(args, side)
             outs[side] = Path(tmp) / f"{side}.json"
             cmd = [sys.executable, __file__, *model_argv(args, precision), "--seq", str(args.seq),
                    "--batch", str(args.batch), "--grad-accum", str(args.grad_accum),

@@ -1,4 +1,5 @@
-"""tunefix.model.allocator: glibc's thresholds are set when enabled, nothing when not.
+"""tunefix.model.allocator: glibc's thresholds are set when enabled, nothing when not;
+torch's huge pages are asked for only before torch is imported, and then really used.
 
 The thresholds are process-wide, so the checks that change them run in a child process;
 what glibc does with them is read back through ``mallinfo2`` (glibc >= 2.33): 100 KB blocks
@@ -14,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,24 +46,79 @@ def mmapped(size, count=40):
 
 out = {"before": mmapped(100_000)}
 tuning = tune_cpu_allocator(enabled=sys.argv[1] == "on")
-out.update(after=mmapped(100_000), applied=tuning.applied, reason=tuning.reason)
+out.update(after=mmapped(100_000), applied=tuning.applied, reason=tuning.reason,
+           huge_pages=tuning.huge_pages)
 print(json.dumps(out))
 """
 
 
 def run_child(switch: str, **env) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", allocator.THP_ENV)}
     done = subprocess.run([sys.executable, "-c", CHILD, switch], env={**clean, **env},
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
+thp = pytest.mark.skipif(not allocator.kernel_has_huge_pages(),
+                         reason="the kernel has transparent huge pages set to never")
+
+
 @glibc
+@thp
 def test_applies_on_glibc():
+    out = run_child("on", THP_MEM_ALLOC_ENABLE="1")
+    assert out["applied"] == {"mmap_threshold": 65536, "trim_threshold": 0}
+    assert out["reason"] == "" and out["huge_pages"]
+    assert out["before"] == 0 and out["after"] >= 30  # heap before, own mmaps after
+
+
+@glibc
+def test_without_huge_pages_it_says_so():
     out = run_child("on")
     assert out["applied"] == {"mmap_threshold": 65536, "trim_threshold": 0}
-    assert out["reason"] == ""
-    assert out["before"] == 0 and out["after"] >= 30  # heap before, own mmaps after
+    assert not out["huge_pages"] and "THP_MEM_ALLOC_ENABLE=1" in out["reason"]
+
+
+HUGE = r"""
+import json, sys
+from tunefix.model.allocator import request_huge_pages
+if sys.argv[1] == "late":
+    import torch
+on = request_huge_pages()
+import torch
+
+block = torch.ones(64 << 18)  # 64 MB of fp32, every page touched
+start = block.data_ptr()
+huge = 0
+with open("/proc/self/smaps") as f:  # the mapping that holds the block: its huge pages
+    inside = False
+    for line in f:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= start < hi
+        elif inside and head == "AnonHugePages:":
+            huge = int(line.split()[1])
+print(json.dumps({"on": on, "huge_kb": huge}))
+"""
+
+
+@thp
+@pytest.mark.skipif(platform.system() != "Linux", reason="transparent huge pages are Linux's")
+@pytest.mark.parametrize("when", ["early", "late", "user-off"])
+def test_request_huge_pages_reaches_torch_only_before_it_is_imported(when):
+    clean = {k: v for k, v in os.environ.items() if k != allocator.THP_ENV}
+    env = {**clean, allocator.THP_ENV: "0"} if when == "user-off" else clean
+    done = subprocess.run([sys.executable, "-c", HUGE, when], env=env, capture_output=True,
+                          text=True, check=True)
+    out = json.loads(done.stdout)
+    if when == "early":
+        assert out["on"] and out["huge_kb"] >= 32 * 1024  # most of the 64 MB in 2 MB pages
+    else:  # torch imported first, or the user said 0: nothing changes
+        assert not out["on"]
+        if "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+            assert out["huge_kb"] == 0  # (with THP "always" every large mapping has them)
 
 
 @glibc
@@ -99,3 +156,43 @@ def test_no_op_under_a_preloaded_allocator(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     tuning = allocator.tune_cpu_allocator()
     assert not tuning and "jemalloc" in tuning.reason
+
+
+def test_auto_is_lean_only_with_huge_pages(monkeypatch):
+    monkeypatch.setattr(allocator, "kernel_has_huge_pages", lambda: True)
+    monkeypatch.setenv(allocator.THP_ENV, "1")
+    assert allocator.resolve_cpu_allocator("auto") == "lean"
+    monkeypatch.setenv(allocator.THP_ENV, "0")
+    assert allocator.resolve_cpu_allocator("auto") == "default"
+    monkeypatch.delenv(allocator.THP_ENV)
+    assert allocator.resolve_cpu_allocator("auto") == "default"
+    assert allocator.resolve_cpu_allocator("lean") == "lean"  # asked for: slower, still lean
+    monkeypatch.setenv(allocator.THP_ENV, "1")
+    monkeypatch.setattr(allocator, "kernel_has_huge_pages", lambda: False)
+    assert allocator.resolve_cpu_allocator("auto") == "default"
+    assert allocator.resolve_cpu_allocator("default") == "default"
+
+
+CLI = r"""
+import os, sys
+from tunefix.cli import main
+code = main(sys.argv[1:])
+print(code, os.environ.get("THP_MEM_ALLOC_ENABLE"))
+"""
+
+
+@thp
+@pytest.mark.skipif(platform.system() != "Linux", reason="transparent huge pages are Linux's")
+@pytest.mark.parametrize("choice", ["auto", "lean", "default"])
+def test_tunefix_train_turns_huge_pages_on_before_torch_loads(tmp_path, choice):
+    # A template name that does not exist stops the run inside train(), after torch is
+    # imported and before any model loads: the switch must be in the environment by then.
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    clean = {k: v for k, v in os.environ.items() if k != allocator.THP_ENV}
+    done = subprocess.run([sys.executable, "-c", CLI, "train", str(examples / "titanic.yaml"),
+                           "--template", "no-such-template", "--cpu-allocator", choice,
+                           "--output-dir", str(tmp_path / "run")],
+                          env=clean, capture_output=True, text=True)
+    code, value = done.stdout.split()
+    assert code == "2" and "no-such-template" in done.stderr
+    assert value == ("None" if choice == "default" else "1")

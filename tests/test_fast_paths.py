@@ -2,7 +2,9 @@
 
 - checkpointing ``selective`` (attention outputs kept) against ``on``;
 - ``drop_padding_mask`` (causal attention alone for right-padded batches) against the
-  batch with its mask.
+  batch with its mask;
+- ``fuse_lora_forward`` (the LoRA update accumulated into the base output) against PEFT's
+  own LoRA forward.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunefix.model import checkpointing, loss
+from tunefix.model.fused_lora import fuse_lora_forward
 from tunefix.model.padding import drop_padding_mask
 from tunefix.model.selective import KEPT_OPS
 
@@ -27,19 +30,25 @@ def model_dir():
     return tiny_model("llama")
 
 
-def _lora_model(model_dir, mode="on"):
+def _lora_model(model_dir, mode="on", *, fused=False, dropout=0.0):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
                                             target_modules="all-linear"))
     with torch.no_grad():  # B starts at zero; make the adapters matter for the gradients
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
     checkpointing.apply_checkpointing(model, mode)
+    if fused:
+        from peft.tuners.lora import Linear as LoraLinear
+
+        lora_layers = sum(isinstance(m, LoraLinear) for m in model.modules())
+        assert lora_layers >= 4 * model.config.num_hidden_layers  # Phi-3: qkv, o, gate_up, down
+        assert fuse_lora_forward(model) == lora_layers
     return model
 
 
@@ -131,5 +140,79 @@ def test_fast_paths_equal_the_reference_in_every_family(family):
     labels[batch["attention_mask"] == 0] = -100
     batch["labels"] = labels
     ref = _loss_grads(_lora_model(model_dir, "on"), batch)
-    fast = _loss_grads(_lora_model(model_dir, "selective"), drop_padding_mask(batch))
+    fast = _loss_grads(_lora_model(model_dir, "selective", fused=True), drop_padding_mask(batch))
     _assert_same(fast, ref, rtol=1e-4, atol=1e-6)
+
+
+class _CountOps(TorchDispatchMode):
+    """How often each aten op ran, and how many elements of new memory all ops made."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.made = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket.__name__)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        seen = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor)}
+        for t in tree_leaves(out):  # views and in-place results reuse an input's memory
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.made += t.numel()
+        return out
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_fused_lora_equals_peft_and_makes_no_output_sized_temporaries(model_dir, mode):
+    batch = drop_padding_mask(_batch("right"))
+    results, ops = {}, {}
+    for fused in (False, True):
+        model = _lora_model(model_dir, mode, fused=fused)
+        with _CountOps() as counter:
+            results[fused] = _loss_grads(model, batch)
+        ops[fused] = counter
+    _assert_same(results[True], results[False])
+    lora_layers = 14  # 7 projections x 2 layers
+    passes = 1 if mode == "off" else 2  # checkpointing runs each layer's forward again
+    # (the recompute stops once the backward has what it needs: before the last LoRA
+    # update of each layer, down_proj's, which no backward reads)
+    assert ops[True].calls.get("addmm_", 0) == lora_layers * passes - (passes - 1) * 2
+    assert "addmm_" not in ops[False].calls
+    # PEFT makes two tensors of each LoRA layer's output size in each forward (the scaled
+    # update and the sum) and one in the backward (the gradient times scaling); the fused
+    # form none. The tiny Llama's output widths: q 256, k 128, v 128, o 256, gate 512,
+    # up 512, down 256 = 2048 a layer.
+    tokens, widths, down = B * T, 2 * 2048, 2 * 256
+    assert ops[False].made - ops[True].made >= tokens * (widths * (2 * passes + 1) - (passes - 1) * 2 * down)
+
+
+def test_fused_lora_with_dropout_draws_the_same_masks(model_dir):
+    batch = drop_padding_mask(_batch("right"))
+    results = {}
+    for fused in (False, True):
+        model = _lora_model(model_dir, "off", fused=fused, dropout=0.1)
+        model.train()
+        torch.manual_seed(5)
+        results[fused] = _loss_grads(model, batch)
+    _assert_same(results[True], results[False])
+
+
+def test_fused_lora_falls_back_to_peft_where_it_does_not_apply(model_dir):
+    ids = _batch("right")["input_ids"]
+    logits = {}
+    for fused in (False, True):
+        model = _lora_model(model_dir, "off", fused=fused)
+        with torch.no_grad():
+            with model.disable_adapter():  # adapters off: PEFT runs the base layer alone
+                off = model(input_ids=ids).logits
+            on = model(input_ids=ids).logits
+            model.merge_adapter()  # merged into the base weights: the base layer alone
+            merged = model(input_ids=ids).logits
+        logits[fused] = (off, on, merged)
+    assert not torch.allclose(logits[False][0], logits[False][1])  # the adapters matter
+    for ref, fast in zip(logits[False], logits[True], strict=True):
+        torch.testing.assert_close(fast, ref)
+    assert fuse_lora_forward(model, enabled=False) == 0

@@ -359,13 +359,15 @@ def test_unknown_logger_is_refused_before_loading(capsys, monkeypatch):
 
 
 def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path):
-    # Mask dropped + selective checkpointing + lean allocator vs the batch as given + `on`.
+    # Mask dropped + selective checkpointing + fused LoRA + lean allocator vs the batch as
+    # given + `on` + PEFT's LoRA forward.
     from tunefix.train.trainer import train
 
     ref = train(_cfg(tmp_path, output_dir=str(tmp_path / "ref"), max_steps=3, save_steps=10,
-                     drop_padding_mask=False, gradient_checkpointing="on"))
+                     drop_padding_mask=False, gradient_checkpointing="on", fused_lora=False))
     fast = train(_cfg(tmp_path, output_dir=str(tmp_path / "fast"), max_steps=3, save_steps=10,
-                      drop_padding_mask=True, gradient_checkpointing="selective", cpu_allocator="lean"))
+                      drop_padding_mask=True, gradient_checkpointing="selective", cpu_allocator="lean",
+                      fused_lora=True))
     assert [s for s, _ in fast.losses] == [1, 2, 3]
     for (_, a), (_, b) in zip(ref.losses, fast.losses, strict=True):
         assert b == pytest.approx(a, rel=1e-4)

@@ -55,6 +55,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from tunefix.model.allocator import request_huge_pages
+
+    request_huge_pages()  # before torch is imported: the demo trains with cpu_allocator auto
     from tunefix.demo import run_demo
 
     return run_demo(args)

@@ -10,10 +10,15 @@ from rich.console import Console
 
 def run_train(args: argparse.Namespace) -> int:
     from tunefix.train.config import load_config
-    from tunefix.train.trainer import is_main_process, train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.cpu_allocator in ("auto", "lean"):
+        from tunefix.model.allocator import request_huge_pages
+
+        request_huge_pages()  # torch reads its switch once: before it is imported (here)
     console = Console()
+    from tunefix.train.trainer import is_main_process, train
+
     result = train(cfg, console=console)
     if not is_main_process():
         return 0  # under torchrun, rank 0 reports for all

@@ -69,11 +69,16 @@ class RunConfig:
     gradient_checkpointing: str = "on"
     """off, on, offload (layer inputs in CPU memory on CUDA) or selective (attention outputs
     kept: no attention recompute in the backward)"""
+    fused_lora: bool = True
+    """each LoRA update accumulated into its base layer's output in one matmul (no output-sized
+    temporaries; same outputs and gradients as PEFT's forward)"""
     drop_padding_mask: bool = True
     """right-padded batches with unscored padding run causal attention without a mask (faster;
     same loss and gradients)"""
-    cpu_allocator: str = "default"
-    """default, or lean (glibc malloc tuned on CPU: about 3x less peak memory, about 1.4x slower)"""
+    cpu_allocator: str = "auto"
+    """auto (lean where torch's huge pages are on, as ``tunefix train`` and ``tunefix demo`` set
+    them; else default), default (glibc's malloc as is), or lean (glibc tuned on a CPU: about
+    3x less peak memory; about 1.1x slower with huge pages, 1.4x without)"""
     loss: str = "chunked"
     """chunked (never materialises the full logits; a Triton kernel per chunk on CUDA), fused
     (insists on that kernel) or reference"""
@@ -114,8 +119,8 @@ class RunConfig:
             raise TunefixError(f"{o('eval_fraction')} must be in [0, 1), got {self.eval_fraction}")
         if self.gradient_checkpointing not in ("off", "on", "offload", "selective"):
             raise TunefixError(f"{o('gradient_checkpointing')} must be off, on, offload or selective")
-        if self.cpu_allocator not in ("default", "lean"):
-            raise TunefixError(f"{o('cpu_allocator')} must be default or lean, got {self.cpu_allocator!r}")
+        if self.cpu_allocator not in ("auto", "default", "lean"):
+            raise TunefixError(f"{o('cpu_allocator')} must be auto, default or lean, got {self.cpu_allocator!r}")
         if self.method not in ("lora", "full"):
             raise TunefixError(f"{o('method')} must be lora or full, got {self.method!r}")
         if self.method == "full" and self.load_in_4bit:

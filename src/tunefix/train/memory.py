@@ -47,8 +47,11 @@ def memory_hint(cfg: RunConfig, cuda: bool) -> str:
         steps.append(f"set {o('gradient_checkpointing')} on")
     elif cfg.gradient_checkpointing == "on" and cuda:
         steps.append(f"set {o('gradient_checkpointing')} offload (activations in CPU memory)")
-    if not cuda and cfg.cpu_allocator == "default":
-        steps.append(f"set {o('cpu_allocator')} lean (about 3x less peak memory on a CPU, slower)")
+    if not cuda:
+        from tunefix.model.allocator import resolve_cpu_allocator
+
+        if resolve_cpu_allocator(cfg.cpu_allocator) == "default":
+            steps.append(f"set {o('cpu_allocator')} lean (about 3x less peak memory on a CPU, slower)")
     if cfg.loss == "reference":
         steps.append(f"set {o('loss')} chunked (never holds the full-vocabulary logits)")
     if cuda and not cfg.load_in_4bit:

@@ -437,6 +437,9 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
                          train_embeddings=cfg.train_embeddings)
+        from tunefix.model.fused_lora import fuse_lora_forward
+
+        fuse_lora_forward(model, enabled=cfg.fused_lora)
     apply_checkpointing(model, cfg.gradient_checkpointing)
     if uses_fsdp(cfg.method):  # after checkpointing: FSDP wraps the checkpointed layers
         from tunefix.train.distributed import shard_model
@@ -455,11 +458,11 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     _log_into_run_dir(trainer, run_dir)
     trainer.sharded = uses_fsdp(cfg.method)
     trainer.drop_mask = cfg.drop_padding_mask
-    if cfg.cpu_allocator == "lean" and not torch.cuda.is_available():
-        from tunefix.model.allocator import tune_cpu_allocator
+    if not torch.cuda.is_available():
+        from tunefix.model.allocator import resolve_cpu_allocator, tune_cpu_allocator
 
-        tuning = tune_cpu_allocator()
-        log.info("cpu allocator: %s", tuning)
+        if resolve_cpu_allocator(cfg.cpu_allocator) == "lean":
+            tune_cpu_allocator()  # logs what it set
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs
