@@ -5,8 +5,9 @@ context-length figure are about the same training code:
 
 - baseline: what a careful user writes with transformers + PEFT: gradient checkpointing on
   (non-reentrant, model.train()), ``model(**batch).loss``.
-- tunefix: on a CPU ``tune_cpu_allocator()`` (glibc thresholds, ``tunefix.model.allocator``,
-  with torch's huge pages: ``child_env``) and ``apply_checkpointing(model, "selective")`` (each layer's attention output kept,
+- tunefix: on a CPU ``tune_cpu_allocator()`` (glibc thresholds for each forward, glibc's
+  heap for each backward: ``tunefix.model.allocator``, with torch's huge pages:
+  ``child_env``) and ``apply_checkpointing(model, "selective")`` (each layer's attention output kept,
   ``tunefix.model.selective``); on CUDA ``apply_checkpointing(model, "offload")`` (the
   saved layer inputs in pinned host memory); on both ``drop_padding_mask`` (right-padded
   batches attend causally, without the mask: ``tunefix.model.padding``) and
@@ -293,7 +294,12 @@ def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: s
     notes["fused_lora_layers"] = fuse_lora_forward(model)
 
     def step_loss(batch):
-        return model_loss(model, drop_padding_mask(batch))
+        if tuning:
+            tuning.forward_phase()
+        loss = model_loss(model, drop_padding_mask(batch))
+        if tuning:
+            tuning.backward_phase()  # train_step runs the backward next
+        return loss
 
     return model, step_loss, notes
 

@@ -52,10 +52,10 @@ print(json.dumps(out))
 """
 
 
-def run_child(switch: str, **env) -> dict:
+def run_child(switch: str, script: str = CHILD, **env) -> dict:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", allocator.THP_ENV)}
-    done = subprocess.run([sys.executable, "-c", CHILD, switch], env={**clean, **env},
+    done = subprocess.run([sys.executable, "-c", script, switch], env={**clean, **env},
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -78,6 +78,40 @@ def test_without_huge_pages_it_says_so():
     out = run_child("on")
     assert out["applied"] == {"mmap_threshold": 65536, "trim_threshold": 0}
     assert not out["huge_pages"] and "THP_MEM_ALLOC_ENABLE=1" in out["reason"]
+
+
+PHASES = CHILD.replace("out = {", "tuning = tune_cpu_allocator(enabled=sys.argv[1] == 'on')\nout = {", 1)
+PHASES = PHASES[:PHASES.index("out = {")] + r"""
+out = {}
+tuning.backward_phase()
+out["backward_small"], out["backward_large"] = mmapped(100_000), mmapped(20_000_000, count=3)
+blocks = [libc.malloc(1_000_000) for _ in range(60)]  # 60 MB of heap, then freed: its top stays
+for block in blocks:
+    libc.free(block)
+out["heap_after_backward"] = libc.mallinfo2().arena
+tuning.forward_phase()
+out["heap_after_forward_phase"] = libc.mallinfo2().arena
+out["forward_small"] = mmapped(100_000)
+print(json.dumps(out))
+"""
+
+
+@glibc
+def test_forward_mmaps_backward_uses_the_heap_and_the_forward_trims_it():
+    out = run_child("on", PHASES, THP_MEM_ALLOC_ENABLE="1")
+    assert out["backward_small"] == 0 and out["backward_large"] == 0  # glibc's heap
+    assert out["heap_after_backward"] > 50_000_000  # the freed top is kept through the backward
+    assert out["heap_after_forward_phase"] < out["heap_after_backward"] - 50_000_000  # trimmed
+    assert out["forward_small"] >= 30  # own mmaps again
+
+
+@glibc
+def test_phases_leave_the_users_setting_and_a_disabled_tuning_alone():
+    out = run_child("on", PHASES, MALLOC_MMAP_THRESHOLD_="1048576")
+    # The user's 1 MB threshold holds in both phases: 100 KB from the heap, 20 MB mmapped.
+    assert out["backward_small"] == 0 and out["backward_large"] == 3 and out["forward_small"] == 0
+    out = run_child("off", PHASES)
+    assert out["backward_small"] == 0 and out["forward_small"] == 0
 
 
 HUGE = r"""

@@ -1,6 +1,7 @@
 """Issue 5: load with fixes, LoRA, continued pretraining, config, training, resume."""
 
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -358,10 +359,17 @@ def test_unknown_logger_is_refused_before_loading(capsys, monkeypatch):
     assert code == 2 and len(err) == 1 and "--report-to must be auto, none or a list" in err[0], err
 
 
-def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path):
+def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path, monkeypatch):
     # Mask dropped + selective checkpointing + fused LoRA + lean allocator vs the batch as
     # given + `on` + PEFT's LoRA forward.
+    from tunefix.model import allocator
     from tunefix.train.trainer import train
+
+    phases = []
+    for name in ("forward_phase", "backward_phase"):
+        real = getattr(allocator.AllocatorTuning, name)
+        monkeypatch.setattr(allocator.AllocatorTuning, name,
+                            lambda self, real=real, name=name: (phases.append(name), real(self))[1])
 
     ref = train(_cfg(tmp_path, output_dir=str(tmp_path / "ref"), max_steps=3, save_steps=10,
                      drop_padding_mask=False, gradient_checkpointing="on", fused_lora=False))
@@ -371,3 +379,6 @@ def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path):
     assert [s for s, _ in fast.losses] == [1, 2, 3]
     for (_, a), (_, b) in zip(ref.losses, fast.losses, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
+    if platform.libc_ver()[0] == "glibc":  # lean: the heap for each backward, mmaps for each forward
+        micro = 3 * _cfg(tmp_path).gradient_accumulation
+        assert phases == ["forward_phase", "backward_phase"] * micro

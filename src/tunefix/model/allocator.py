@@ -12,12 +12,22 @@ gives back the top of the heap on every free. Same effect as the environment var
 process, at the start of training, so the user need not know about them.
 
 The price of mmapping every block is page faults: each fresh mapping is faulted in 4 KB at
-a time and zeroed (measured: 10x the faults of glibc's own heap, steps ~1.4x longer).
-Transparent huge pages take most of it back: torch's CPU allocator asks the kernel for
-2 MB pages on its blocks of 2 MB or more when ``THP_MEM_ALLOC_ENABLE=1`` is in the
-environment at its first allocation (so before torch is imported: ``request_huge_pages``,
-which ``tunefix train`` and ``tunefix demo`` call; ``cpu_allocator: auto`` is lean only then). Measured on SmolLM2 at 2 x 2048
-tokens: a third of the faults, and steps as fast as with glibc's heap (bench/RESULTS.md).
+a time and zeroed (measured: 10x the faults of glibc's own heap, steps ~1.4x longer). Two
+things take it back:
+
+- Only the forward needs it. The forward keeps each checkpointed layer input (and, with
+  ``selective``, each attention output) between that layer's temporaries: that is what
+  fragments the heap. The backward keeps nothing across layers. So the trainer switches
+  per step (``AllocatorTuning.forward_phase`` / ``backward_phase``): the tuned thresholds
+  for the forward, with ``malloc_trim`` giving back the heap's free pages first, and
+  glibc's heap (largest mmap threshold, no trimming) for the backward.
+- Transparent huge pages: torch's CPU allocator asks the kernel for 2 MB pages on its
+  blocks of 2 MB or more when ``THP_MEM_ALLOC_ENABLE=1`` is in the environment at its
+  first allocation, so before torch is imported (``request_huge_pages``, which
+  ``tunefix train`` and ``tunefix demo`` call; ``cpu_allocator: auto`` is lean only then).
+
+Measured on SmolLM2-135M at 2 x 2048 tokens (bench/RESULTS.md): the peak of the all-mmap
+setting (about 0.3x the baseline's) at about the speed of glibc's own heap.
 
 This is process-wide state (the whole process's malloc, not one model), so it is behind a
 switch and reports what it did. It is a no-op off Linux/glibc (macOS, musl, Windows),
@@ -45,6 +55,10 @@ M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 64 * 1024  # bytes: blocks this size or larger get their own mmap
 TRIM_THRESHOLD = 0  # bytes of free heap top kept before trimming: none
+# The backward phase: glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit), and a
+# heap top kept until the next forward trims it.
+BACKWARD_MMAP_THRESHOLD = 32 * 1024 * 1024
+BACKWARD_TRIM_THRESHOLD = 1 << 30
 
 # Each setting, its mallopt number and the glibc environment variable that also sets it.
 _SETTINGS = {
@@ -66,6 +80,27 @@ class AllocatorTuning:
 
     def __bool__(self) -> bool:
         return bool(self.applied)
+
+    def forward_phase(self) -> None:
+        """Before a training step's forward: the tuned thresholds, and the heap's free pages
+        given back (``malloc_trim``), so the backward's heap does not sit under the forward."""
+        self._set(self.applied)
+        if self.applied:
+            _glibc().malloc_trim(ctypes.c_size_t(0))
+
+    def backward_phase(self) -> None:
+        """After the loss, before its backward: glibc's heap again (no faults). The backward
+        holds nothing across layers, so its heap does not fragment the way the forward's
+        would (the forward keeps each layer's checkpointed input between its temporaries)."""
+        self._set({"mmap_threshold": BACKWARD_MMAP_THRESHOLD, "trim_threshold": BACKWARD_TRIM_THRESHOLD})
+
+    def _set(self, values: dict[str, int]) -> None:
+        if not self.applied:
+            return
+        libc = _glibc()
+        for name, value in values.items():
+            if name in self.applied:  # only what tune_cpu_allocator itself set (never the user's)
+                libc.mallopt(ctypes.c_int(_SETTINGS[name][0]), ctypes.c_int(value))
 
 
 def _glibc():

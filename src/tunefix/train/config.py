@@ -77,8 +77,9 @@ class RunConfig:
     same loss and gradients)"""
     cpu_allocator: str = "auto"
     """auto (lean where torch's huge pages are on, as ``tunefix train`` and ``tunefix demo`` set
-    them; else default), default (glibc's malloc as is), or lean (glibc tuned on a CPU: about
-    3x less peak memory; about 1.1x slower with huge pages, 1.4x without)"""
+    them; else default), default (glibc's malloc as is), or lean (on a CPU, glibc tuned for each
+    forward and its heap for each backward: a fraction of the peak memory at about the same
+    speed with huge pages; slower forwards without them)"""
     loss: str = "chunked"
     """chunked (never materialises the full logits; a Triton kernel per chunk on CUDA), fused
     (insists on that kernel) or reference"""

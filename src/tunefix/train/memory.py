@@ -51,7 +51,7 @@ def memory_hint(cfg: RunConfig, cuda: bool) -> str:
         from tunefix.model.allocator import resolve_cpu_allocator
 
         if resolve_cpu_allocator(cfg.cpu_allocator) == "default":
-            steps.append(f"set {o('cpu_allocator')} lean (about 3x less peak memory on a CPU, slower)")
+            steps.append(f"set {o('cpu_allocator')} lean (about 2-3x less peak memory on a CPU)")
     if cfg.loss == "reference":
         steps.append(f"set {o('loss')} chunked (never holds the full-vocabulary logits)")
     if cuda and not cfg.load_in_4bit:

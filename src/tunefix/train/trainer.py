@@ -162,11 +162,16 @@ def _trainer_class():
         tokens_seen = 0
         sharded = False  # the model is FSDP-sharded (full fine-tuning in several processes)
         drop_mask = True  # causal attention without the padding mask where that changes nothing
+        allocator = None  # the lean CPU allocator's AllocatorTuning: switched per phase
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.tokens_seen += int(inputs["attention_mask"].sum())
             inputs = drop_padding_mask(inputs, enabled=self.drop_mask)
+            if self.allocator:
+                self.allocator.forward_phase()
             loss = model_loss(model, inputs, num_items_in_batch=num_items_in_batch, impl=self.loss_impl)
+            if self.allocator:
+                self.allocator.backward_phase()  # Trainer runs the backward next
             # num_items_in_batch counts the tokens of all processes; DDP then averages the
             # gradients over processes, so each loss is scaled back up by their number (as
             # Trainer's own compute_loss does), or every update would be 1/world_size too small.
@@ -462,7 +467,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
         from tunefix.model.allocator import resolve_cpu_allocator, tune_cpu_allocator
 
         if resolve_cpu_allocator(cfg.cpu_allocator) == "lean":
-            tune_cpu_allocator()  # logs what it set
+            trainer.allocator = tune_cpu_allocator()  # logs what it set
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs
