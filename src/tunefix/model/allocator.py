@@ -177,8 +177,10 @@ def tune_cpu_allocator(enabled: bool = True, *, mmap_threshold: int = MMAP_THRES
         result.applied[name] = value
     result.huge_pages = huge_pages_requested() and kernel_has_huge_pages()
     if not result.huge_pages:
-        kept.append(f"no huge pages: slower steps (set {THP_ENV}=1 before torch is imported)")
+        kept.append(f"slower forwards: set {THP_ENV}=1 before torch is imported")
     result.reason = "; ".join(kept)
-    log.info("CPU allocator: %s, huge pages %s%s", result.applied or "unchanged",
-             "on" if result.huge_pages else "off", f" ({result.reason})" if result.reason else "")
+    settings = ", ".join(f"{name.replace('_', ' ')} {value:,} B" for name, value in result.applied.items())
+    log.info("CPU allocator: lean (each forward: %s; each backward: glibc's heap), huge pages %s%s",
+             settings or "nothing set", "on" if result.huge_pages else "off",
+             f" ({result.reason})" if result.reason else "")
     return result
