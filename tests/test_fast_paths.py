@@ -216,3 +216,32 @@ def test_fused_lora_falls_back_to_peft_where_it_does_not_apply(model_dir):
     for ref, fast in zip(logits[False], logits[True], strict=True):
         torch.testing.assert_close(fast, ref)
     assert fuse_lora_forward(model, enabled=False) == 0
+
+
+def test_fused_lora_under_bf16_autocast_matches_peft(model_dir):
+    # The GPU path: bf16 base weights, fp32 adapters (PEFT's default upcast), bf16 autocast.
+    # Both forms then compute in bf16, so they agree to bf16 rounding, not bit for bit.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    batch = drop_padding_mask(_batch("right"))
+    results = {}
+    for fused in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+        if fused:
+            assert fuse_lora_forward(model) == 14
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[fused] = _loss_grads(model, batch)
+    ref, fast = results[False], results[True]
+    torch.testing.assert_close(fast[0], ref[0], rtol=2e-2, atol=0)
+    for name in ref[1]:
+        a, b = fast[1][name].float(), ref[1][name].float()
+        # Per tensor: the relative size of the difference, as bf16 rounding allows.
+        assert (a - b).norm() <= 0.05 * b.norm(), name
