@@ -245,3 +245,26 @@ def test_fused_lora_under_bf16_autocast_matches_peft(model_dir):
         a, b = fast[1][name].float(), ref[1][name].float()
         # Per tensor: the relative size of the difference, as bf16 rounding allows.
         assert (a - b).norm() <= 0.05 * b.norm(), name
+
+
+def test_fused_lora_leaves_an_adapter_bias_to_peft(model_dir):
+    # PEFT's lora_bias gives lora_B a bias the fused matmul does not add: PEFT's forward runs.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = _batch("right")["input_ids"]
+    logits = {}
+    for fused in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                lora_bias=True))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)  # the weight and the bias
+        if fused:
+            fuse_lora_forward(model)
+        with torch.no_grad():
+            logits[fused] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits[True], logits[False])

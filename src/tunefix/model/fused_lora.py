@@ -17,8 +17,8 @@ here because a Linear's backward needs its input and weight, never its output (a
 would refuse otherwise).
 
 Used only where it computes exactly PEFT's function: a plain ``nn.Linear`` base, one active
-vanilla LoRA adapter (no DoRA or other variant), not merged, adapters enabled, no per-row
-``adapter_names``. Anything else goes through PEFT's own forward, checked on every call.
+vanilla LoRA adapter (no DoRA or other variant, no ``lora_bias``), not merged, adapters
+enabled, no per-row ``adapter_names``. Anything else goes through PEFT's own forward, checked on every call.
 ``enabled=False`` (or not calling this) is the reference path; tests check that both give
 the same outputs and gradients.
 """
@@ -39,6 +39,8 @@ def _eligible(layer, x: torch.Tensor, kwargs: dict) -> str | None:
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
         return None
     name = active[0]
+    if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
+        return None  # PEFT's ``lora_bias``: leave the adapter's own bias to its forward
     if layer.lora_A[name].weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         return None  # PEFT casts the input to the adapter's dtype: leave that to it
     return name
