@@ -77,6 +77,7 @@ class AllocatorTuning:
     applied: dict[str, int] = field(default_factory=dict)
     reason: str = ""
     huge_pages: bool = False
+    libc: object = field(default=None, repr=False, compare=False)  # the handle it set them through
 
     def __bool__(self) -> bool:
         return bool(self.applied)
@@ -86,7 +87,7 @@ class AllocatorTuning:
         given back (``malloc_trim``), so the backward's heap does not sit under the forward."""
         self._set(self.applied)
         if self.applied:
-            _glibc().malloc_trim(ctypes.c_size_t(0))
+            self.libc.malloc_trim(ctypes.c_size_t(0))
 
     def backward_phase(self) -> None:
         """After the loss, before its backward: glibc's heap again (no faults). The backward
@@ -97,10 +98,9 @@ class AllocatorTuning:
     def _set(self, values: dict[str, int]) -> None:
         if not self.applied:
             return
-        libc = _glibc()
         for name, value in values.items():
             if name in self.applied:  # only what tune_cpu_allocator itself set (never the user's)
-                libc.mallopt(ctypes.c_int(_SETTINGS[name][0]), ctypes.c_int(value))
+                self.libc.mallopt(ctypes.c_int(_SETTINGS[name][0]), ctypes.c_int(value))
 
 
 def _glibc():
@@ -124,6 +124,11 @@ def huge_pages_requested() -> bool:
     return os.environ.get(THP_ENV, "").strip() not in ("", "0")
 
 
+def huge_pages_on() -> bool:
+    """Asked for, and the kernel gives them."""
+    return huge_pages_requested() and kernel_has_huge_pages()
+
+
 def request_huge_pages() -> bool:
     """Turn on torch's transparent huge pages for CPU tensors of 2 MB or more, if still possible.
 
@@ -144,7 +149,7 @@ def resolve_cpu_allocator(choice: str) -> str:
     speed), else ``default``; ``default`` and ``lean`` as they are."""
     if choice != "auto":
         return choice
-    return "lean" if huge_pages_requested() and kernel_has_huge_pages() else "default"
+    return "lean" if huge_pages_on() else "default"
 
 
 def tune_cpu_allocator(enabled: bool = True, *, mmap_threshold: int = MMAP_THRESHOLD,
@@ -165,7 +170,7 @@ def tune_cpu_allocator(enabled: bool = True, *, mmap_threshold: int = MMAP_THRES
     if libc is None:
         return AllocatorTuning(reason=f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'unknown libc'})")
     wanted = {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold}
-    result, kept = AllocatorTuning(), []
+    result, kept = AllocatorTuning(libc=libc), []
     for name, value in wanted.items():
         number, env = _SETTINGS[name]
         if env in os.environ:
@@ -175,7 +180,7 @@ def tune_cpu_allocator(enabled: bool = True, *, mmap_threshold: int = MMAP_THRES
             kept.append(f"{name}: mallopt refused {value}")
             continue
         result.applied[name] = value
-    result.huge_pages = huge_pages_requested() and kernel_has_huge_pages()
+    result.huge_pages = huge_pages_on()
     if not result.huge_pages:
         kept.append(f"slower forwards: set {THP_ENV}=1 before torch is imported")
     result.reason = "; ".join(kept)

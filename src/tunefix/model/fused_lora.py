@@ -18,7 +18,8 @@ would refuse otherwise).
 
 Used only where it computes exactly PEFT's function: a plain ``nn.Linear`` base, one active
 vanilla LoRA adapter (no DoRA or other variant, no ``lora_bias``), not merged, adapters
-enabled, no per-row ``adapter_names``. Anything else goes through PEFT's own forward, checked on every call.
+enabled, no per-row ``adapter_names``. Anything else goes through PEFT's own forward
+(checked on every call).
 ``enabled=False`` (or not calling this) is the reference path; tests check that both give
 the same outputs and gradients.
 """
