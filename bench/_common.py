@@ -11,8 +11,9 @@ context-length figure are about the same training code:
   ``tunefix.model.selective``); on CUDA ``apply_checkpointing(model, "offload")`` (the
   saved layer inputs in pinned host memory); on both ``drop_padding_mask`` (right-padded
   batches attend causally, without the mask: ``tunefix.model.padding``) and
-  ``model_loss`` (chunked lm_head + cross-entropy on the scored tokens only), and
-  ``fuse_lora_forward`` (each LoRA update accumulated into its base output).
+  ``model_loss`` (chunked lm_head + cross-entropy on the scored tokens only), run on the
+  rows in groups cut to their own length (``padding_free_loss``: no padding computed),
+  and ``fuse_lora_forward`` (each LoRA update accumulated into its base output).
   ``--checkpointing`` picks another mode for the tunefix side.
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct, real weights), ``tiny128k`` (hidden 256,
@@ -58,6 +59,8 @@ def add_model_args(p) -> None:
                    help="the tunefix side's checkpointing (default: selective on CPU, offload on CUDA)")
     p.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
                    help="the tunefix side's glibc malloc on a CPU: tune_cpu_allocator() or left alone")
+    p.add_argument("--padding", choices=["free", "dynamic"], default="free",
+                   help="the tunefix side: rows in groups cut to their length, or the padded batch")
 
 
 def check_model_args(p, args, *, dry_run: bool = False) -> None:
@@ -78,7 +81,8 @@ def model_argv(args, precision: str) -> list[str]:
     return ["--model", args.model, "--device", args.device, "--lora-r", str(args.lora_r),
             "--quant", args.quant, "--layers", str(args.layers), "--hidden", str(args.hidden),
             "--precision", precision, "--threads", str(args.threads),
-            f"--checkpointing={args.checkpointing}", "--allocator", args.allocator]
+            f"--checkpointing={args.checkpointing}", "--allocator", args.allocator,
+            "--padding", args.padding]
 
 
 def child_env(args=None, side: str = "baseline") -> dict:
@@ -254,12 +258,14 @@ def batches(stream: list[int], pad: int, seq: int, count: int, batch: int, *,
 
 
 def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: str = "",
-                 allocator: str = "tuned"):
+                 allocator: str = "tuned", padding: str = "free"):
     """Add the LoRA (r, alpha 2r, dropout 0, all linear layers) and set up ``side``.
 
     checkpointing: the tunefix side's mode (default: ``selective`` on a CPU, ``offload``
     on CUDA); the baseline always uses transformers' own.
     allocator: ``default`` leaves the tunefix side's glibc malloc alone (for attribution).
+    padding: ``free`` runs the rows in groups cut to their own length (``padding_free_loss``),
+    ``dynamic`` the padded batch as the baseline does (for attribution).
 
     Returns (peft model, step_loss: batch -> loss, what the side did beyond the baseline).
     """
@@ -280,8 +286,7 @@ def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: s
     from tunefix.model.allocator import tune_cpu_allocator
     from tunefix.model.checkpointing import apply_checkpointing
     from tunefix.model.fused_lora import fuse_lora_forward
-    from tunefix.model.loss import model_loss
-    from tunefix.model.padding import drop_padding_mask
+    from tunefix.model.padding import padding_free_loss
 
     # Process-wide malloc settings: the start of training, CPU only (on CUDA the
     # activations are not in malloc's heap).
@@ -292,11 +297,12 @@ def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: s
     notes["checkpointing"] = checkpointing or ("selective" if device == "cpu" else "offload")
     apply_checkpointing(model, notes["checkpointing"])
     notes["fused_lora_layers"] = fuse_lora_forward(model)
+    notes["padding"] = padding
 
     def step_loss(batch):
         if tuning:
             tuning.forward_phase()
-        loss = model_loss(model, drop_padding_mask(batch))
+        loss = padding_free_loss(model, batch, enabled=padding == "free")
         if tuning:
             tuning.backward_phase()  # train_step runs the backward next
         return loss
@@ -318,7 +324,8 @@ def start_child(args, side: str, *, count: int, batch: int, full: bool = False):
     model, stream, pad = load(args)
     data = batches(stream, pad, args.seq, count, batch, full=full)
     model, step_loss, notes = prepare_side(side, model, lora_r=args.lora_r, device=args.device,
-                                           checkpointing=args.checkpointing, allocator=args.allocator)
+                                           checkpointing=args.checkpointing, allocator=args.allocator,
+                                           padding=args.padding)
     return model, step_loss, optimizer_for(model), data, notes
 
 

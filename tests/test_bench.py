@@ -59,14 +59,14 @@ def test_gpu_script_dry_run_builds_the_8b_shapes():
 
 def test_train_parses_the_gpu_options(monkeypatch):
     train = bench_module("train", monkeypatch)
-    args = train.parser().parse_args(GPU_OPTIONS + ["--quant", "4bit"])
+    args = train.parser().parse_args(GPU_OPTIONS + ["--quant", "4bit", "--padding", "dynamic"])
     assert (args.device, args.seq, args.batch, args.grad_accum, args.lora_r, args.quant) == (
         "cuda", 2048, 2, 4, 32, "4bit")
     common = bench_module("_common", monkeypatch)
     argv = common.model_argv(args, "bf16")  # what each child process is given
     child = train.parser().parse_args(argv)
-    assert (child.model, child.device, child.lora_r, child.quant, child.precision) == (
-        "llama3-8b", "cuda", 32, "4bit", "bf16")
+    assert (child.model, child.device, child.lora_r, child.quant, child.precision, child.padding) == (
+        "llama3-8b", "cuda", 32, "4bit", "bf16", "dynamic")
 
 
 @pytest.mark.skipif(cuda_available(), reason="checks the behaviour without CUDA")

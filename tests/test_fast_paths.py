@@ -4,7 +4,8 @@
 - ``drop_padding_mask`` (causal attention alone for right-padded batches) against the
   batch with its mask;
 - ``fuse_lora_forward`` (the LoRA update accumulated into the base output) against PEFT's
-  own LoRA forward.
+  own LoRA forward;
+- ``padding_free_loss`` (rows in groups cut to their length) against the padded batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunefix.model import checkpointing, loss
 from tunefix.model.fused_lora import fuse_lora_forward
-from tunefix.model.padding import drop_padding_mask
+from tunefix.model.padding import drop_padding_mask, padding_free_loss, split_rows
 from tunefix.model.selective import KEPT_OPS
 
 B, T = 2, 40
@@ -268,3 +269,76 @@ def test_fused_lora_leaves_an_adapter_bias_to_peft(model_dir):
         with torch.no_grad():
             logits[fused] = model(input_ids=ids).logits
     torch.testing.assert_close(logits[True], logits[False])
+
+
+def _ragged(lengths, width=None, prompt=3):
+    """Right-padded rows of the given lengths, prompt and padding unscored."""
+    width = width or max(lengths)
+    g = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 128256, (len(lengths), width), generator=g)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        attention_mask[r, :n] = 1
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def test_split_rows_groups_rows_of_similar_length_without_their_padding():
+    batch = _ragged([300, 1000, 980, 40], width=1024)
+    groups = split_rows(batch, min_group_tokens=64)
+    assert [g["input_ids"].shape for g in groups] == [(2, 1000), (1, 300), (1, 40)]
+    assert torch.equal(groups[0]["input_ids"], batch["input_ids"][[1, 2], :1000])
+    assert torch.equal(groups[1]["labels"], batch["labels"][[0], :300])
+    assert all(bool(g["attention_mask"][:, 0].all()) for g in groups)
+    # The default keeps short rows together: one forward's fixed cost outweighs their padding.
+    assert [g["input_ids"].shape for g in split_rows(_ragged([100, 30]))] == [(2, 100)]
+    assert [g["input_ids"].shape for g in split_rows(_ragged([2048, 1100]))] == [(1, 2048), (1, 1100)]
+    assert len(split_rows(_ragged([2048, 1950]))) == 1  # 2.4% padding: not worth a forward
+
+
+@pytest.mark.parametrize("case", ["left", "scored-padding", "position_ids", "one-row"])
+def test_split_rows_leaves_batches_it_cannot_split_whole(case):
+    batch = _ragged([400, 40] if case != "one-row" else [400])
+    if case == "left":
+        batch["attention_mask"] = batch["attention_mask"].flip(1)
+    if case == "scored-padding":
+        batch["labels"][1, -1] = 5
+    if case == "position_ids":
+        batch["position_ids"] = torch.arange(400).expand(2, 400)
+    groups = split_rows(batch, min_group_tokens=1)
+    assert len(groups) == 1 and groups[0].keys() == batch.keys()
+    assert all(groups[0][k] is batch[k] for k in batch)
+
+
+@pytest.mark.parametrize("given,mode", [(False, "selective"), (True, "selective"), (False, "offload")])
+def test_padding_free_loss_equals_the_padded_batch(model_dir, given, mode):
+    # Three rows, three groups: each group's summed token losses over the batch's count.
+    # Offload (its copies forced on the CPU): three forwards' saved inputs before one backward.
+    batch = _ragged([40, 9, 23])
+    items = int((loss.shift_labels_of(batch["labels"]) != -100).sum()) + 7 if given else None
+    model = _lora_model(model_dir, "selective" if mode == "selective" else "on", fused=True)
+    offloader = checkpointing.apply_checkpointing(model, "offload", force_copy=True) if mode == "offload" else None
+    calls = []
+    hook = model.get_base_model().model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+
+    def run(enabled):
+        model.zero_grad(set_to_none=True)
+        value = padding_free_loss(model, batch, enabled=enabled, num_items_in_batch=items,
+                                  min_group_tokens=1)
+        value.backward()
+        return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast, ref = run(True), run(False)
+    hook.remove()
+    assert calls == [(1, 40), (1, 23), (1, 9), (3, 40)]  # the groups, then the reference
+    if offloader is not None:
+        # Each layer's input, in each forward: the three groups', then the reference's.
+        assert offloader.packed == (3 + 1) * model.config.num_hidden_layers
+    _assert_same(fast, ref, rtol=1e-5, atol=1e-7)
+    # The reference is the plain padded batch with its mask.
+    model.zero_grad(set_to_none=True)
+    plain = loss.model_loss(model, batch, num_items_in_batch=items)
+    torch.testing.assert_close(plain.detach(), ref[0], rtol=1e-6, atol=0)

@@ -360,9 +360,9 @@ def test_unknown_logger_is_refused_before_loading(capsys, monkeypatch):
 
 
 def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path, monkeypatch):
-    # Mask dropped + selective checkpointing + fused LoRA + lean allocator vs the batch as
-    # given + `on` + PEFT's LoRA forward.
-    from tunefix.model import allocator
+    # Padding-free groups + mask dropped + selective checkpointing + fused LoRA + lean
+    # allocator vs the batch as given + `on` + PEFT's LoRA forward.
+    from tunefix.model import allocator, padding
     from tunefix.train.trainer import train
 
     phases = []
@@ -370,12 +370,20 @@ def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path, monkeypat
         real = getattr(allocator.AllocatorTuning, name)
         monkeypatch.setattr(allocator.AllocatorTuning, name,
                             lambda self, real=real, name=name: (phases.append(name), real(self))[1])
+    splits = []
+    real_split = padding.split_rows
+    monkeypatch.setattr(padding, "split_rows", lambda *a, **k: splits.append(real_split(*a, **k)) or splits[-1])
+    monkeypatch.setattr(padding, "MIN_GROUP_TOKENS", 1)  # the Alpaca rows are short...
+    monkeypatch.setattr(padding, "MAX_WASTE", 0.0)  # ...and of similar lengths
 
     ref = train(_cfg(tmp_path, output_dir=str(tmp_path / "ref"), max_steps=3, save_steps=10,
-                     drop_padding_mask=False, gradient_checkpointing="on", fused_lora=False))
+                     drop_padding_mask=False, gradient_checkpointing="on", fused_lora=False,
+                     padding_free=False))
+    assert splits == []
     fast = train(_cfg(tmp_path, output_dir=str(tmp_path / "fast"), max_steps=3, save_steps=10,
                       drop_padding_mask=True, gradient_checkpointing="selective", cpu_allocator="lean",
                       fused_lora=True))
+    assert len(splits) == 3 and any(len(groups) == 2 for groups in splits)  # some rows ran apart
     assert [s for s, _ in fast.losses] == [1, 2, 3]
     for (_, a), (_, b) in zip(ref.losses, fast.losses, strict=True):
         assert b == pytest.approx(a, rel=1e-4)

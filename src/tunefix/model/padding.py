@@ -1,4 +1,5 @@
-"""Dropping the attention mask of right-padded training batches (causal attention alone).
+"""Right-padded training batches without their mask (``drop_padding_mask``) and without
+their padding (``split_rows``, ``padding_free_loss``).
 
 With a padding mask, transformers hands attention a (B, 1, T, T) mask and the kernel
 computes every (query, key) block: on a CPU, torch's flash kernel with a mask costs about
@@ -15,11 +16,13 @@ when the padding is on the left (real tokens would then see padding keys) or whe
 are no labels to check. Position ids are not derived from the mask in transformers'
 training forward (they are ``arange(T)`` either way).
 
-The road not taken: packing rows into one sequence with per-row attention (varlen)
-would also skip the padding itself, but changes the batch layout the user's data collator
-chose and needs a varlen kernel that CPUs lack.
+Padding-free (``padding_free_loss``): the rows of a batch are run in groups of similar
+length, each group cut to its own longest row, so the padding is not computed at all; see
+the section below. The road not taken: packing rows into one sequence with per-row
+attention (varlen) would do the same in one forward, but needs a varlen kernel that CPUs
+lack (a block-diagonal mask makes torch's CPU kernel compute every block).
 
-``enabled=False`` is the reference path (the batch as given); tests check both agree.
+``enabled=False`` is the reference path (the batch as given) of both; tests check they agree.
 """
 
 from __future__ import annotations
@@ -48,3 +51,91 @@ def drop_padding_mask(batch: Mapping[str, torch.Tensor], *, enabled: bool = True
     if right_padded and padding_unscored:
         del out["attention_mask"]
     return out
+
+
+# --------------------------------------------------------------------------- padding-free
+# A right-padded batch computes every layer on its padding: with rows of 1,024 to 2,048
+# tokens padded to the longest, about a tenth of the matmuls and more of the attention go
+# to tokens nobody scores. The rows of a causal LM do not interact (no layer mixes the
+# batch), so the same loss is the sum over groups of rows, each group cut to its own longest
+# row, every group divided by the whole batch's count of scored tokens. The backward is
+# still one backward of that sum.
+
+# A group takes the next (shorter) row while its padding stays under this share of it (a
+# forward's fixed cost is a few tokens' worth of compute once rows are long)...
+MAX_WASTE = 1 / 32
+# ...or while the group is too small to split: short rows run faster together (one
+# forward's fixed Python cost against a few hundred tokens of compute).
+MIN_GROUP_TOKENS = 512
+_ROW_KEYS = frozenset({"input_ids", "attention_mask", "labels"})
+
+
+def split_rows(batch: Mapping[str, torch.Tensor], *, max_waste: float | None = None,
+               min_group_tokens: int | None = None,
+               ignore_index: int = -100) -> list[dict[str, torch.Tensor]]:
+    """``batch`` as groups of rows of similar length, each cut to its longest row.
+
+    Only a right-padded batch with unscored padding and nothing but input_ids, attention_mask
+    and labels is split (position ids, packed masks and other inputs go as given); otherwise,
+    or when one group is best, the result is ``[batch]``. Rows are grouped longest first: a
+    group takes the next row while its padding would stay within ``max_waste`` of its
+    tokens, or while it has fewer than ``min_group_tokens`` tokens (defaults: ``MAX_WASTE``,
+    ``MIN_GROUP_TOKENS``).
+    """
+    max_waste = MAX_WASTE if max_waste is None else max_waste
+    min_group_tokens = MIN_GROUP_TOKENS if min_group_tokens is None else min_group_tokens
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    if set(batch) != _ROW_KEYS or mask.dim() != 2 or labels.shape != mask.shape or len(mask) < 2:
+        return [dict(batch)]
+    keep = mask.bool()
+    if not bool((keep[:, 1:] <= keep[:, :-1]).all()) or not bool((labels[~keep] == ignore_index).all()):
+        return [dict(batch)]
+    lengths = keep.sum(1).tolist()
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    groups: list[list[int]] = []
+    for r in order:
+        if groups:
+            group = groups[-1]
+            width = lengths[group[0]]
+            tokens = width * (len(group) + 1)
+            waste = tokens - sum(lengths[i] for i in group) - lengths[r]
+            if waste <= max_waste * tokens or width * len(group) < min_group_tokens:
+                group.append(r)
+                continue
+        groups.append([r])
+    if len(groups) == 1:
+        return [dict(batch)]
+    out = []
+    for group in groups:
+        rows, width = torch.tensor(group), max(lengths[group[0]], 1)
+        out.append({k: v[rows, :width] for k, v in batch.items()})
+    return out
+
+
+def padding_free_loss(model, batch: Mapping[str, torch.Tensor], *, enabled: bool = True,
+                      drop_mask: bool = True, num_items_in_batch: torch.Tensor | int | None = None,
+                      impl: str | None = None, min_group_tokens: int | None = None) -> torch.Tensor:
+    """``model_loss(model, batch)`` computed group by group (``split_rows``), without padding.
+
+    Equal to the loss of the batch as given (and so are its gradients): each group's summed
+    token losses are divided by ``num_items_in_batch`` or, by default, by the batch's count
+    of scored tokens. ``drop_mask`` applies ``drop_padding_mask`` to each group.
+    ``enabled=False`` is the reference: the whole batch at once. ``min_group_tokens``: see
+    ``split_rows``.
+    """
+    from tunefix.model.loss import model_loss, shift_labels_of
+
+    groups = split_rows(batch, min_group_tokens=min_group_tokens) if enabled else [dict(batch)]
+    if len(groups) > 1 and num_items_in_batch is None:
+        num_items_in_batch = int((shift_labels_of(batch["labels"]) != -100).sum())
+        if num_items_in_batch == 0:
+            groups = [dict(batch)]
+    if len(groups) == 1:
+        return model_loss(model, drop_padding_mask(groups[0], enabled=drop_mask),
+                          num_items_in_batch=num_items_in_batch, impl=impl)
+    total = None
+    for group in groups:
+        part = model_loss(model, drop_padding_mask(group, enabled=drop_mask),
+                          num_items_in_batch=num_items_in_batch, impl=impl)
+        total = part if total is None else total + part
+    return total

@@ -75,6 +75,9 @@ class RunConfig:
     drop_padding_mask: bool = True
     """right-padded batches with unscored padding run causal attention without a mask (faster;
     same loss and gradients)"""
+    padding_free: bool = True
+    """the rows of a right-padded batch run in groups of similar length, each cut to its own
+    longest row, so no padding is computed (same loss and gradients; one process only)"""
     cpu_allocator: str = "auto"
     """auto (lean where torch's huge pages are on, as ``tunefix train`` and ``tunefix demo`` set
     them; else default), default (glibc's malloc as is), or lean (on a CPU, glibc tuned for each

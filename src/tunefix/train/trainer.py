@@ -153,7 +153,7 @@ def _trainer_class():
     from transformers import Trainer
 
     from tunefix.model.loss import model_loss
-    from tunefix.model.padding import drop_padding_mask
+    from tunefix.model.padding import padding_free_loss
 
     class TunefixTrainer(Trainer):
         """transformers' Trainer with tunefix's loss; everything else unchanged."""
@@ -162,14 +162,18 @@ def _trainer_class():
         tokens_seen = 0
         sharded = False  # the model is FSDP-sharded (full fine-tuning in several processes)
         drop_mask = True  # causal attention without the padding mask where that changes nothing
+        padding_free = True  # rows in groups cut to their own length (one process only)
         allocator = None  # the lean CPU allocator's AllocatorTuning: switched per phase
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.tokens_seen += int(inputs["attention_mask"].sum())
-            inputs = drop_padding_mask(inputs, enabled=self.drop_mask)
             if self.allocator:
                 self.allocator.forward_phase()
-            loss = model_loss(model, inputs, num_items_in_batch=num_items_in_batch, impl=self.loss_impl)
+            # Several processes: DDP lets each parameter's gradient be ready once per backward,
+            # so one forward per micro-batch there.
+            free = self.padding_free and self.accelerator.num_processes == 1
+            loss = padding_free_loss(model, inputs, enabled=free, drop_mask=self.drop_mask,
+                                     num_items_in_batch=num_items_in_batch, impl=self.loss_impl)
             if self.allocator:
                 self.allocator.backward_phase()  # Trainer runs the backward next
             # num_items_in_batch counts the tokens of all processes; DDP then averages the
@@ -463,6 +467,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     _log_into_run_dir(trainer, run_dir)
     trainer.sharded = uses_fsdp(cfg.method)
     trainer.drop_mask = cfg.drop_padding_mask
+    trainer.padding_free = cfg.padding_free
     if not torch.cuda.is_available():
         from tunefix.model.allocator import resolve_cpu_allocator, tune_cpu_allocator
 
