@@ -373,7 +373,7 @@ def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path, monkeypat
     splits = []
     real_split = padding.split_rows
     monkeypatch.setattr(padding, "split_rows", lambda *a, **k: splits.append(real_split(*a, **k)) or splits[-1])
-    monkeypatch.setattr(padding, "MIN_GROUP_TOKENS", 1)  # the Alpaca rows are short...
+    monkeypatch.setattr(padding, "MIN_GROUP_TOKENS_CPU", 1)  # the Alpaca rows are short...
     monkeypatch.setattr(padding, "MAX_WASTE", 0.0)  # ...and of similar lengths
 
     ref = train(_cfg(tmp_path, output_dir=str(tmp_path / "ref"), max_steps=3, save_steps=10,
