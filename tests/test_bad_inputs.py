@@ -299,6 +299,8 @@ CASES: list[Case] = [
     Case("train-unknown-cpu-allocator", lambda d, t: train(d, "--cpu-allocator", "jemalloc"),
          "--cpu-allocator must be auto, default or lean"),
     Case("train-fused-lora-not-a-bool", lambda d, t: train(d, "fused_lora=maybe"), "--fused-lora"),
+    Case("train-unknown-checkpointing", lambda d, t: train(d, "--gradient-checkpointing", "sometimes"),
+         "--gradient-checkpointing must be auto, off, on, offload or selective, got 'sometimes'"),
     Case("train-not-an-int", lambda d, t: train(d, "lora_r=big"), "not a valid int"),
     Case("train-no-data", lambda d, t: ["train", "--output-dir", str(d / "run")], "no training data"),
     Case("train-output-dir-exists", lambda d, t: train(d, out=write(d, "run/keep.txt", "mine").parent),

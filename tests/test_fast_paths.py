@@ -298,8 +298,8 @@ def test_split_rows_groups_rows_of_similar_length_without_their_padding():
     assert torch.equal(groups[1]["labels"], batch["labels"][[0], :300])
     assert all(bool(g["attention_mask"][:, 0].all()) for g in groups)
     # The default keeps very short rows together (on a GPU, short ones: not measured yet).
-    assert [g["input_ids"].shape for g in split_rows(_ragged([40, 10]))] == [(2, 40)]
-    assert [g["input_ids"].shape for g in split_rows(_ragged([100, 30]))] == [(1, 100), (1, 30)]
+    assert [g["input_ids"].shape for g in split_rows(_ragged([130, 60]))] == [(2, 130)]
+    assert [g["input_ids"].shape for g in split_rows(_ragged([300, 100]))] == [(1, 300), (1, 100)]
     assert min_group_tokens_for("cpu") < min_group_tokens_for(torch.device("cuda", 0))
     assert [g["input_ids"].shape for g in split_rows(_ragged([2048, 1100]))] == [(1, 2048), (1, 1100)]
     assert len(split_rows(_ragged([2048, 1950]))) == 1  # 2.4% padding: not worth a forward

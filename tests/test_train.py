@@ -390,3 +390,25 @@ def test_fast_paths_in_the_trainer_give_the_reference_losses(tmp_path, monkeypat
     if platform.libc_ver()[0] == "glibc":  # lean: the heap for each backward, mmaps for each forward
         micro = 3 * _cfg(tmp_path).gradient_accumulation
         assert phases == ["forward_phase", "backward_phase"] * micro
+
+
+def test_checkpointing_auto_is_selective_on_a_cpu_and_on_with_cuda(tmp_path, monkeypatch):
+    from tunefix.model import checkpointing
+    from tunefix.train.memory import memory_hint
+    from tunefix.train.trainer import train
+
+    assert _cfg(tmp_path).gradient_checkpointing == "auto"
+    assert checkpointing.resolve_checkpointing("auto", cuda=False) == "selective"
+    assert checkpointing.resolve_checkpointing("auto", cuda=True) == "on"
+    assert [checkpointing.resolve_checkpointing(m, cuda=True) for m in checkpointing.MODES] == list(
+        checkpointing.MODES)
+    # The out-of-memory advice reads the resolved mode: offload is the next step from `on`.
+    assert "--gradient-checkpointing offload" in memory_hint(_cfg(tmp_path), cuda=True)
+    assert "--gradient-checkpointing" not in memory_hint(_cfg(tmp_path), cuda=False)
+
+    applied = []
+    real = checkpointing.apply_checkpointing
+    monkeypatch.setattr(checkpointing, "apply_checkpointing",
+                        lambda model, mode, **kw: (applied.append(mode), real(model, mode, **kw))[1])
+    train(_cfg(tmp_path, max_steps=1, save_steps=10))
+    assert applied == ["selective"]

@@ -46,6 +46,15 @@ from tunefix.model.loss import unwrap
 MODES = ("off", "on", "offload", "selective")
 
 
+def resolve_checkpointing(mode: str, cuda: bool) -> str:
+    """``auto`` as a mode: ``selective`` on a CPU (the attention recompute is the costliest
+    part of the backward there, and memory is what the allocator gives back), ``on`` with
+    CUDA (selective's extra tensor per layer is unmeasured in GPU memory); others as given."""
+    if mode == "auto":
+        return "on" if cuda else "selective"
+    return mode
+
+
 def apply_checkpointing(model: nn.Module, mode: str, *, force_copy: bool = False) -> Offloader | None:
     """Set ``model``'s gradient checkpointing to ``mode`` and put it in training mode.
 

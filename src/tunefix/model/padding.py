@@ -64,11 +64,12 @@ def drop_padding_mask(batch: Mapping[str, torch.Tensor], *, enabled: bool = True
 # A group takes the next (shorter) row while its padding stays under this share of it (a
 # forward's fixed cost is a few tokens' worth of compute once rows are long)...
 MAX_WASTE = 1 / 32
-# ...or while the group has fewer tokens than this. On a CPU a forward's fixed cost is
-# small next to its compute (SmolLM2-135M, one thread, rows of 120 + 60 tokens: 4.2 s
-# apart, 4.7 s padded together). A GPU runs short rows far below its width, so there a
-# group must be large before splitting pays (not measured yet).
-MIN_GROUP_TOKENS_CPU = 64
+# ...or while the group has fewer tokens than this. Short rows run less efficiently apart
+# (smaller matmuls split worse over threads, and each forward has a fixed cost): on
+# SmolLM2-135M with 2 threads, rows of 130 + 110 tokens took 2.69 s apart and 2.35 s padded
+# together, rows of 300 + 200 4.1 s apart and 5.8 s together. A GPU runs short rows far
+# below its width, so there a group must be larger before splitting pays (not measured yet).
+MIN_GROUP_TOKENS_CPU = 256
 MIN_GROUP_TOKENS_ACCELERATOR = 1024
 _ROW_KEYS = frozenset({"input_ids", "attention_mask", "labels"})
 

@@ -66,9 +66,9 @@ class RunConfig:
     report_to: str = "auto"
     """where metrics go besides metrics.jsonl: auto (TensorBoard when installed, W&B when installed
     and logged in or WANDB_MODE=offline), none, or a list: tensorboard,wandb"""
-    gradient_checkpointing: str = "on"
-    """off, on, offload (layer inputs in CPU memory on CUDA) or selective (attention outputs
-    kept: no attention recompute in the backward)"""
+    gradient_checkpointing: str = "auto"
+    """auto (selective on a CPU, on with CUDA), off, on, offload (layer inputs in CPU memory on
+    CUDA) or selective (attention outputs kept: no attention recompute in the backward)"""
     fused_lora: bool = True
     """each LoRA update accumulated into its base layer's output in one matmul (no output-sized
     temporaries; same outputs and gradients as PEFT's forward)"""
@@ -121,8 +121,9 @@ class RunConfig:
             raise TunefixError(f"{o('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.eval_fraction < 1:
             raise TunefixError(f"{o('eval_fraction')} must be in [0, 1), got {self.eval_fraction}")
-        if self.gradient_checkpointing not in ("off", "on", "offload", "selective"):
-            raise TunefixError(f"{o('gradient_checkpointing')} must be off, on, offload or selective")
+        if self.gradient_checkpointing not in ("auto", "off", "on", "offload", "selective"):
+            raise TunefixError(f"{o('gradient_checkpointing')} must be auto, off, on, offload or selective, "
+                               f"got {self.gradient_checkpointing!r}")
         if self.cpu_allocator not in ("auto", "default", "lean"):
             raise TunefixError(f"{o('cpu_allocator')} must be auto, default or lean, got {self.cpu_allocator!r}")
         if self.method not in ("lora", "full"):

@@ -37,15 +37,22 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
+def checkpointing_mode(cfg: RunConfig, cuda: bool) -> str:
+    from tunefix.model.checkpointing import resolve_checkpointing
+
+    return resolve_checkpointing(cfg.gradient_checkpointing, cuda)
+
+
 def memory_hint(cfg: RunConfig, cuda: bool) -> str:
     """What to change, in the order that usually pays: batch, sequence length, checkpointing,
     the loss, 4-bit. (On a CPU activations already live in host memory: offload is on there.)"""
     o = RunConfig.option
     steps = [f"Lower {o('batch_size')} (now {cfg.batch_size}; raise {o('gradient_accumulation')} to keep "
              f"the effective batch) or {o('max_seq_length')} (now {cfg.max_seq_length})"]
-    if cfg.gradient_checkpointing == "off":
+    mode = checkpointing_mode(cfg, cuda)
+    if mode == "off":
         steps.append(f"set {o('gradient_checkpointing')} on")
-    elif cfg.gradient_checkpointing == "on" and cuda:
+    elif mode == "on" and cuda:
         steps.append(f"set {o('gradient_checkpointing')} offload (activations in CPU memory)")
     if not cuda:
         from tunefix.model.allocator import resolve_cpu_allocator
@@ -101,5 +108,5 @@ def out_of_memory_as_error(cfg: RunConfig, trainer, run_dir: Path, created: Path
         step = trainer.state.global_step + 1
         raise TunefixError(
             f"out of memory in training step {step} (batch {cfg.batch_size} x up to {cfg.max_seq_length} "
-            f"tokens, gradient checkpointing {cfg.gradient_checkpointing}){keep}",
+            f"tokens, gradient checkpointing {checkpointing_mode(cfg, cuda)}){keep}",
             memory_hint(cfg, cuda)) from None

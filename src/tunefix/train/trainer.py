@@ -388,7 +388,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     import torch
 
     from tunefix import assets
-    from tunefix.model.checkpointing import apply_checkpointing
+    from tunefix.model.checkpointing import apply_checkpointing, resolve_checkpointing
     from tunefix.model.load import load_model
     from tunefix.model.lora import add_lora
     from tunefix.train.callbacks import LossLog, NonFiniteStop, RichProgress
@@ -449,7 +449,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
         from tunefix.model.fused_lora import fuse_lora_forward
 
         fuse_lora_forward(model, enabled=cfg.fused_lora)
-    apply_checkpointing(model, cfg.gradient_checkpointing)
+    apply_checkpointing(model, resolve_checkpointing(cfg.gradient_checkpointing, torch.cuda.is_available()))
     if uses_fsdp(cfg.method):  # after checkpointing: FSDP wraps the checkpointed layers
         from tunefix.train.distributed import shard_model
 
