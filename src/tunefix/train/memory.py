@@ -54,6 +54,8 @@ def memory_hint(cfg: RunConfig, cuda: bool) -> str:
         steps.append(f"set {o('gradient_checkpointing')} on")
     elif mode == "on" and cuda:
         steps.append(f"set {o('gradient_checkpointing')} offload (activations in CPU memory)")
+    elif mode == "selective":
+        steps.append(f"set {o('gradient_checkpointing')} on (selective keeps each layer's attention output)")
     if not cuda:
         from tunefix.model.allocator import resolve_cpu_allocator
 
