@@ -40,17 +40,19 @@ def drop_padding_mask(batch: Mapping[str, torch.Tensor], *, enabled: bool = True
     Returns a new dict (the argument is not modified).
     """
     out = dict(batch)
-    mask, labels = batch.get("attention_mask"), batch.get("labels")
-    if not enabled or mask is None or labels is None or mask.dim() != 2:
-        return out
-    if labels.shape != mask.shape:
-        return out
-    keep = mask.bool()  # (B, T)
-    right_padded = bool((keep[:, 1:] <= keep[:, :-1]).all())  # each row: ones, then zeros
-    padding_unscored = bool((labels[~keep] == ignore_index).all())
-    if right_padded and padding_unscored:
+    if enabled and _right_padded_unscored(batch, ignore_index):
         del out["attention_mask"]
     return out
+
+
+def _right_padded_unscored(batch: Mapping[str, torch.Tensor], ignore_index: int) -> bool:
+    """Each row real tokens then padding (a 2-D 0/1 mask), no padding position scored."""
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    if mask is None or labels is None or mask.dim() != 2 or labels.shape != mask.shape:
+        return False
+    keep = mask.bool()  # (B, T)
+    right_padded = bool((keep[:, 1:] <= keep[:, :-1]).all())  # each row: ones, then zeros
+    return right_padded and bool((labels[~keep] == ignore_index).all())
 
 
 # --------------------------------------------------------------------------- padding-free
@@ -86,16 +88,13 @@ def split_rows(batch: Mapping[str, torch.Tensor], *, max_waste: float | None = N
     tokens, or while it has fewer than ``min_group_tokens`` tokens (defaults: ``MAX_WASTE``,
     ``min_group_tokens_for`` the batch's device).
     """
-    mask, labels = batch.get("attention_mask"), batch.get("labels")
-    if set(batch) != _ROW_KEYS or mask.dim() != 2 or labels.shape != mask.shape or len(mask) < 2:
+    if set(batch) != _ROW_KEYS or len(batch["input_ids"]) < 2 or not _right_padded_unscored(batch, ignore_index):
         return [dict(batch)]
+    mask = batch["attention_mask"]
     max_waste = MAX_WASTE if max_waste is None else max_waste
     if min_group_tokens is None:
         min_group_tokens = min_group_tokens_for(mask.device)
-    keep = mask.bool()
-    if not bool((keep[:, 1:] <= keep[:, :-1]).all()) or not bool((labels[~keep] == ignore_index).all()):
-        return [dict(batch)]
-    lengths = keep.sum(1).tolist()
+    lengths = mask.bool().sum(1).tolist()
     order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
     groups: list[list[int]] = []
     for r in order:
@@ -136,16 +135,8 @@ def padding_free_loss(model, batch: Mapping[str, torch.Tensor], *, enabled: bool
     from tunefix.model.loss import model_loss, shift_labels_of
 
     groups = split_rows(batch, min_group_tokens=min_group_tokens) if enabled else [dict(batch)]
-    if len(groups) > 1 and num_items_in_batch is None:
+    if len(groups) > 1 and num_items_in_batch is None:  # the whole batch's mean, not each group's
         num_items_in_batch = int((shift_labels_of(batch["labels"]) != -100).sum())
-        if num_items_in_batch == 0:
-            groups = [dict(batch)]
-    if len(groups) == 1:
-        return model_loss(model, drop_padding_mask(groups[0], enabled=drop_mask),
-                          num_items_in_batch=num_items_in_batch, impl=impl)
-    total = None
-    for group in groups:
-        part = model_loss(model, drop_padding_mask(group, enabled=drop_mask),
-                          num_items_in_batch=num_items_in_batch, impl=impl)
-        total = part if total is None else total + part
-    return total
+    parts = [model_loss(model, drop_padding_mask(group, enabled=drop_mask),
+                        num_items_in_batch=num_items_in_batch, impl=impl) for group in groups]
+    return sum(parts[1:], parts[0])
