@@ -287,7 +287,7 @@ CASES: list[Case] = [
          "syntax error"),
     # ------------------------------------------------------------------ train
     Case("train-yaml-unknown-key", lambda d, t: ["train", str(write(d, "c.yaml", f"data: {ALPACA}\nlora_rank: 8\n"))],
-         "unknown config key --lora-rank"),
+         "unknown key lora_rank in"),
     Case("train-yaml-not-mapping", lambda d, t: ["train", str(write(d, "c.yaml", "- a\n- b\n"))], "mapping"),
     Case("train-yaml-syntax", lambda d, t: ["train", str(write(d, "c.yaml", "data: [unclosed\n"))],
          "not valid yaml"),

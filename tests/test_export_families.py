@@ -54,7 +54,7 @@ def _ollama_ids(gguf_file: Path, template_go: str, messages: list[dict]) -> list
     text = render_ollama(template_go, messages)
     with verify.open_llama(gguf_file, vocab_only=True) as llm:
         # add_bos=True is llama.cpp's add_special: BOS only where the GGUF's add_bos_token says.
-        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return llm.tokenize(text, add_bos=True)
 
 
 # ------------------------------------------------------------------------- families
@@ -209,8 +209,7 @@ _CHILD_NO_SPACE = ("import errno, os, sys; open(sys.argv[1], 'wb').write(b'GGUF'
 @pytest.mark.parametrize("where", ["converter", "quantizer", "Modelfile", "README.md", "export.json"])
 def test_enospc_while_writing_each_export_file(where, runs, tmp_path, monkeypatch, capsys):
     """Each writer of the export runs out of space: one line, exit 2, nothing under a final name."""
-    import llama_cpp
-
+    from tunefix import llamacpp
     from tunefix.export import gguf
 
     r = runs("gemma")
@@ -222,12 +221,12 @@ def test_enospc_while_writing_each_export_file(where, runs, tmp_path, monkeypatc
 
         monkeypatch.setattr(gguf, "_converter_command", command)
     elif where == "quantizer":  # llama.cpp's quantiser writes part of the file, then gives up
-        def quantize(src, dst, params):
-            partial.append(Path(dst.decode()))
-            Path(dst.decode()).write_bytes(b"GGUF" * 4096)
-            return 1  # what llama.cpp returns for an "iostream error", a full disk among them
+        def quantize(src, dst, ftype, nthread):
+            partial.append(Path(dst))
+            Path(dst).write_bytes(b"GGUF" * 4096)
+            return 1, []  # what llama.cpp returns for an "iostream error", a full disk among them
 
-        monkeypatch.setattr(llama_cpp, "llama_model_quantize", quantize)
+        monkeypatch.setattr(llamacpp, "quantize", quantize)
         monkeypatch.setattr(gguf, "out_of_space", lambda directory: True)
     else:
         monkeypatch.setattr(_io, "_fsync_file", _fail_while_writing(where, partial))

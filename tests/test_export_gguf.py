@@ -159,8 +159,9 @@ def test_tiny_metadata_fixes(tiny_exports):
 def test_double_bos_detector_sees_llama_cpp_warning(tiny_exports):
     # The only test that makes llama.cpp warn, on purpose: it proves the detector works.
     e = tiny_exports("llama")
-    with verify.llama_logs() as logs, verify.open_llama(e["file"], vocab_only=True) as llm:
-        ids = llm.tokenize(b"<|begin_of_text|>hi", add_bos=True, special=True)
+    with verify.open_llama(e["file"], vocab_only=True) as llm:
+        ids = llm.tokenize("<|begin_of_text|>hi", add_bos=True)
+        logs = llm.call("logs")
     assert ids[:2] == [128000, 128000]
     assert any(verify.DOUBLE_BOS_WARNING in line for line in logs)
 

@@ -158,24 +158,22 @@ SPM_SPECIAL = ["<s>Hello", "<s> Hello", "<s>\nHello", "Hello</s>World", "before<
 
 @pytest.mark.parametrize("name", ["llama-spm", "phi-3", "gemma-4"])
 def test_sentencepiece_tokenizers_match_llama_cpp(name):
-    from llama_cpp import Llama
     from transformers import AutoTokenizer
 
+    from tunefix.llamacpp import LlamaProcess
+
     tok = AutoTokenizer.from_pretrained(assets.tokenizer(name))
-    llm = Llama(model_path=str(assets.vocab_gguf(name)), vocab_only=True, verbose=False)
     # Not Phi-3's special-token texts: llama.cpp strips the whitespace after Phi-3's
     # special tokens when general.name says Phi-3 (this vocab's does; see export/gguf_arch.py),
     # which this tokenizer.json does not do.
     texts = SPM_TEXTS + (SPM_SPECIAL if name == "llama-spm" else [])
     if name == "gemma-4":  # built by hand from the GGUF (assets_build.gemma4_tokenizer)
         texts = SPM_TEXTS + ["<bos>Hello<eos> x", "<|turn>user\nHi<turn|>\n<|turn>model\n"]
-    try:
-        for text in texts:
-            ours = tok(text, add_special_tokens=False)["input_ids"]
-            assert ours == llm.tokenize(text.encode(), add_bos=False, special=True), text
-        assert tok("a")["input_ids"] == llm.tokenize(b"a", add_bos=True, special=True)  # one <s>
-    finally:
-        llm.close()
+    with LlamaProcess(assets.vocab_gguf(name), vocab_only=True) as llm:
+        theirs = llm.call("tokenize", [(text, False) for text in texts] + [("a", True)])
+    for text, ids in zip(texts, theirs, strict=False):
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids, text
+    assert tok("a")["input_ids"] == theirs[-1]  # one <s>
 
 
 @pytest.mark.parametrize("family", list(tiny.FAMILIES))

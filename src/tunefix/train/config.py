@@ -186,8 +186,12 @@ def _coerce(name: str, value: Any) -> Any:
     return value if isinstance(value, str) or value is None else str(value)
 
 
-def _unknown(key: str) -> TunefixError:
+def _unknown(key: str, yaml_file: str | None = None) -> TunefixError:
+    """Named as the user wrote it: ``lora_rr`` in a YAML file, ``--lora-rr`` on the command line."""
     close = difflib.get_close_matches(key.replace("-", "_"), list(_FIELDS), n=1)
+    if yaml_file is not None:
+        hint = f"Did you mean {close[0]}?" if close else "See `tunefix train --help` for the keys"
+        return TunefixError(f"unknown key {key} in {yaml_file}", hint)
     hint = f"Did you mean {RunConfig.option(close[0])}?" if close else "See `tunefix train --help`"
     return TunefixError(f"unknown config key {RunConfig.option(key.replace('-', '_'))}", hint)
 
@@ -219,6 +223,9 @@ def load_config(yaml_file: str | None = None, overrides: list[str] | None = None
         if not isinstance(loaded, dict):
             raise TunefixError(f"{yaml_file} must hold a mapping of config keys",
                                "Write one `key: value` per line; see examples/*.yaml")
+        unknown = next((k for k in loaded if str(k) not in _FIELDS), None)
+        if unknown is not None:
+            raise _unknown(str(unknown), yaml_file)
         base = path.parent
         for key in ("data",):  # paths in a config file are relative to the file
             if key in loaded and not Path(str(loaded[key])).is_absolute():

@@ -49,7 +49,7 @@ def load_run(run_dir: str | Path, *, merge: bool = False) -> tuple[Any, Any, Any
     from transformers import AutoTokenizer
 
     from tunefix.model.load import load_model
-    from tunefix.model.lora import unfuse_projections
+    from tunefix.model.lora import peft_quietly, unfuse_projections
 
     run_dir = Path(run_dir)
     cfg, summary = read_run(run_dir)
@@ -62,7 +62,8 @@ def load_run(run_dir: str | Path, *, merge: bool = False) -> tuple[Any, Any, Any
     if model.get_input_embeddings().weight.shape[0] < len(tok):  # the doctor added a pad token
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     unfuse_projections(model)  # adapters of fused models were trained on the split parts
-    model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+    with peft_quietly():
+        model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
     if merge:
         model = model.merge_and_unload()
     model.eval()

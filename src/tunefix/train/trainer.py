@@ -375,14 +375,6 @@ def disk_full_as_error(run_dir: Path, owner: bool = True):
                            f"Free some space (the unfinished checkpoint was removed), {then}") from None
 
 
-def _remove_partials(run_dir: Path) -> None:
-    """Leftovers of atomic writes cut short (``.name.XXXX.partial``); never under a final name."""
-    import shutil
-
-    for p in run_dir.glob(".*.partial"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
 def train(cfg: RunConfig, *, console=None) -> RunResult:
     """Run a fine-tune; returns where everything went. Validation happens before any load."""
     import torch
@@ -427,7 +419,9 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     checkpoint = None
     if cfg.resume:
         if main:
-            _remove_partials(run_dir)
+            from tunefix._io import remove_stale
+
+            remove_stale(run_dir)  # unfinished writes of a killed run (said in the log, with the size)
         checkpoint = last_complete_checkpoint(run_dir / "checkpoints", clean=main)
         if checkpoint is None:
             log.warning("%s has no complete checkpoint yet: training starts from step 0", run_dir)
