@@ -88,6 +88,18 @@ def op_greedy(s: _State, ids: list[int], eog: list[int], max_new_tokens: int) ->
     return out
 
 
+def op_generate(s: _State, ids: list[int], eog: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding through llama.cpp's sampler (top-k 1), as ``op_greedy`` but for a model
+    opened without ``logits_all`` (llama-cpp-python 0.3.36 then keeps no logits to argmax)."""
+    stop, out = set(eog), []
+    s.llm.reset()
+    for token in s.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        out.append(token)
+        if token in stop or len(out) >= max_new_tokens:
+            break
+    return out
+
+
 def op_logs(s: _State) -> list[str]:
     lines, s.logs = s.logs, []
     return lines
@@ -106,10 +118,13 @@ def op_system_info(s: _State) -> str:
 
 
 OPS = {"open": op_open, "tokenize": op_tokenize, "detokenize": op_detokenize, "logits": op_logits,
-       "greedy": op_greedy, "logs": op_logs, "quantize": op_quantize, "system_info": op_system_info}
+       "greedy": op_greedy, "generate": op_generate, "logs": op_logs, "quantize": op_quantize, "system_info": op_system_info}
 
 
 def main(argv: list[str]) -> int:
+    # Ctrl-C reaches the whole process group: the parent handles it and closes the pipe,
+    # which ends this loop; a KeyboardInterrupt here would only print a second traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     inbox = Connection(int(argv[1]), writable=False)
     outbox = Connection(int(argv[2]), readable=False)
     state = _State()
@@ -122,7 +137,10 @@ def main(argv: list[str]) -> int:
             reply = ("ok", OPS[op](state, *args))
         except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it as a TunefixError
             reply = ("error", f"{type(e).__name__}: {e}")
-        outbox.send(reply)
+        try:
+            outbox.send(reply)
+        except OSError:  # the parent is gone (killed, or closed its end mid-request)
+            return 0
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class LlamaChat:
 
     def answer(self, messages: list[dict], max_new_tokens: int = 256) -> tuple[str, bool]:
         """Greedy, as the PyTorch side: the stop token ends the answer and is not part of it."""
-        out = self.llm.call("greedy", self.prompt_ids(messages), sorted(self.eog), max_new_tokens)
+        out = self.llm.call("generate", self.prompt_ids(messages), sorted(self.eog), max_new_tokens)
         stopped = bool(out) and out[-1] in self.eog
         if stopped:
             out = out[:-1]

