@@ -81,8 +81,7 @@ def demo_config(*, model: str | None = None, data: str | None = None, merge: str
 def check_model(model: str) -> None:
     """Refuse a model tunefix cannot train (missing, or of an unsupported family) from its
     config or GGUF header alone."""
-    from tunefix.doctor.subject import check_gguf_architecture, resolve_model_path
-    from tunefix.model.load import check_model_family
+    from tunefix.model.files import check_gguf_architecture, check_model_family, resolve_model_path
 
     path = resolve_model_path(model)
     if path.suffix == ".gguf":
