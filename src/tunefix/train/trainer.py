@@ -11,11 +11,13 @@ holds the full-vocabulary logits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,15 +280,35 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
 
 
 def _log_into_run_dir(trainer, run_dir: Path) -> None:
-    """TensorBoard events in RUN_DIR/tensorboard, W&B's files in RUN_DIR/wandb (not in the
-    current directory), unless the user's environment says otherwise."""
+    """TensorBoard events in RUN_DIR/tensorboard (not in the current directory)."""
     from transformers.integrations import TensorBoardCallback
 
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
             cb.logging_dir = str(run_dir / "tensorboard")
+
+
+@contextlib.contextmanager
+def _scoped_process_state(trainer, run_dir: Path) -> Iterator[None]:
+    """What training changes in the process, undone when it ends (a notebook runs train()
+    many times). W&B: a run of our own in RUN_DIR/wandb, finished at the end. transformers'
+    callback would open one (into a directory wandb caches process-wide at its first init)
+    and leave it open, so the next train() logged into the first run's folder; it takes an
+    open run as given, so it logs into ours. A run the user opened is used and left open.
+    The lean CPU allocator gets glibc's defaults back."""
+    run = None
     if "wandb" in trainer.args.report_to:
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        import wandb
+
+        if wandb.run is None:
+            run = wandb.init(dir=str(run_dir), name=run_dir.name, project=os.getenv("WANDB_PROJECT", "huggingface"))
+    try:
+        yield
+    finally:
+        if run is not None:
+            run.finish()
+        if trainer.allocator:
+            trainer.allocator.restore()
 
 
 def train(cfg: RunConfig, *, console=None) -> RunResult:
@@ -383,14 +405,15 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs
     loss_log.trainer = trainer
-    with out_of_memory_as_error(cfg, trainer, run_dir, created, owner=main), disk_full_as_error(run_dir, main):
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if stop.bad_step is not None:
-        raise TunefixError(f"the loss became {stop.bad_value} at step {stop.bad_step}; training stopped",
-                           likely_cause(model, tok, cfg))
-    if eval_rows and not cfg.eval_steps:
-        metrics = trainer.evaluate()
-        loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
+    with _scoped_process_state(trainer, run_dir):
+        with out_of_memory_as_error(cfg, trainer, run_dir, created, owner=main), disk_full_as_error(run_dir, main):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stop.bad_step is not None:
+            raise TunefixError(f"the loss became {stop.bad_value} at step {stop.bad_step}; training stopped",
+                               likely_cause(model, tok, cfg))
+        if eval_rows and not cfg.eval_steps:
+            metrics = trainer.evaluate()
+            loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
     result = RunResult(run_dir, trainer.state.global_step, loss_log.train, loss_log.eval,
                        len(train_rows), len(eval_rows), fixes,
                        "fsdp" if uses_fsdp(cfg.method) else str(trainer.accelerator.distributed_type.value).lower())
