@@ -114,6 +114,21 @@ def test_phases_leave_the_users_setting_and_a_disabled_tuning_alone():
     assert out["backward_small"] == 0 and out["forward_small"] == 0
 
 
+RESTORED = PHASES[:PHASES.index("out = {}")] + r"""
+tuning.forward_phase()
+tuning.backward_phase()
+tuning.restore()
+print(json.dumps({"small": mmapped(100_000), "large": mmapped(1_000_000, count=3)}))
+"""
+
+
+@glibc
+def test_restore_puts_glibcs_default_thresholds_back():
+    """After the last backward (a 32 MB threshold) restore gives glibc's 128 KiB again:
+    100 KB from the heap (the lean forward would mmap it), 1 MB mmapped (the backward would not)."""
+    assert run_child("on", RESTORED, THP_MEM_ALLOC_ENABLE="1") == {"small": 0, "large": 3}
+
+
 HUGE = r"""
 import json, sys
 from tunefix.model.allocator import request_huge_pages

@@ -54,7 +54,7 @@ def uninterrupted(tmp_path_factory) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_sigkill_then_resume_reaches_the_same_loss(seed, tmp_path, uninterrupted):
-    from tunefix.train.trainer import checkpoint_complete, last_complete_checkpoint
+    from tunefix.train.rundir import checkpoint_complete, last_complete_checkpoint
 
     rng = random.Random(seed)
     kill_after = rng.randint(1, MAX_STEPS - 1)  # wait for this checkpoint to start appearing,
@@ -87,7 +87,7 @@ def test_sigkill_then_resume_reaches_the_same_loss(seed, tmp_path, uninterrupted
 
 def test_resume_skips_an_incomplete_checkpoint(tmp_path):
     """A checkpoint cut short (no trainer_state.json, a truncated optimizer) is not used."""
-    from tunefix.train.trainer import last_complete_checkpoint
+    from tunefix.train.rundir import last_complete_checkpoint
 
     ck = tmp_path / "checkpoints"
     for step in (2, 4):

@@ -84,7 +84,7 @@ def _model_dir(tmp_path: Path, **config_update) -> Path:
 
 
 def test_remote_code_needs_the_flag(tmp_path):
-    from tunefix.doctor.subject import check_model_code
+    from tunefix.model.files import check_model_code
     from tunefix.model.load import load_model
 
     d = _model_dir(tmp_path, model_type="mystery", auto_map={"AutoModelForCausalLM": "modeling_x.X"})
@@ -97,14 +97,14 @@ def test_remote_code_needs_the_flag(tmp_path):
 
 
 def test_a_stale_auto_map_on_a_known_family_is_not_remote_code(tmp_path):
-    from tunefix.doctor.subject import check_model_code
+    from tunefix.model.files import check_model_code
 
     d = _model_dir(tmp_path, auto_map={"AutoConfig": "configuration_llama.LlamaConfig"})
     check_model_code(d, trust_remote_code=False)  # model_type llama: transformers' own class
 
 
 def test_remote_tokenizer_code_needs_the_flag(tmp_path):
-    from tunefix.doctor.subject import check_model_code
+    from tunefix.model.files import check_model_code
 
     d = _model_dir(tmp_path)
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
@@ -162,7 +162,7 @@ class _Evil:
 def test_a_malicious_pickle_is_refused_even_when_opted_in(tmp_path):
     import torch
 
-    from tunefix.doctor.subject import load_pickle_weights
+    from tunefix.model.files import load_pickle_weights
 
     d = _model_dir(tmp_path)
     buf = io.BytesIO()

@@ -323,8 +323,7 @@ def test_tensorboard_and_wandb_offline_log_the_same_losses_into_the_run_dir(tmp_
     from tunefix.train.trainer import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", "")
-    monkeypatch.delenv("WANDB_DIR")  # restored (to unset) after the test; train sets it
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # the run directory is train()'s own choice
     monkeypatch.chdir(tmp_path)  # nothing may land in the current directory
     result = train(_cfg(tmp_path, max_steps=3, save_steps=10, report_to="tensorboard,wandb"))
     run = result.run_dir

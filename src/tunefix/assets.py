@@ -255,7 +255,8 @@ TOKENIZERS = ("llama-bpe", "llama-spm", "phi-3", "qwen2", "gpt-2", "gemma-4")
 
 
 def fetch_all(progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """Fetch and build every asset ahead of time. Idempotent; returns the paths."""
+    """Fetch and build every real asset ahead of time (the tiny test models, built from these,
+    are ``tiny.fetch_tiny``'s). Idempotent; returns the paths."""
     say = progress or (lambda _msg: None)
     out: dict[str, Path] = {}
     steps: list[tuple[str, Callable[[], Path]]] = [
@@ -264,9 +265,6 @@ def fetch_all(progress: Callable[[str], None] | None = None) -> dict[str, Path]:
         ("SmolLM2-135M-Instruct (Hugging Face)", smollm2),
     ]
     steps += [(f"tokenizer {n}", lambda n=n: tokenizer(n)) for n in TOKENIZERS]
-    from tunefix import tiny
-
-    steps += [(f"tiny {f} model", lambda f=f: tiny.tiny_model(f)) for f in tiny.FAMILIES]
     for label, step in steps:
         say(label)
         out[label] = step()

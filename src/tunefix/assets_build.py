@@ -184,7 +184,7 @@ def build_smollm2(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tunefix.model.load import dequantized_gguf_model
+    from tunefix.model.files import dequantized_gguf_model
 
     model = dequantized_gguf_model(gguf_path, torch.float32)
     model = model.to(torch.bfloat16)

@@ -109,11 +109,9 @@ def open_chat(target: str) -> Any:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise TunefixError(f"{path}: no such file")
-        from tunefix.doctor.subject import load_gguf  # validates the file with one-line errors
+        from tunefix.model.files import check_gguf_magic
 
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                load_gguf(path)
+        check_gguf_magic(path)  # a one-line error before llama.cpp sees the file
         return LlamaChat(path)
     if (path / "summary.json").exists():
         from tunefix.train.run import load_run

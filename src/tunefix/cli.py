@@ -31,11 +31,12 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_assets_fetch(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tunefix import assets
+    from tunefix import assets, tiny
 
     console = Console(stderr=True)
     console.print(f"cache: {assets.cache_root()}")
-    paths = assets.fetch_all(progress=lambda label: console.print(f"  {label} ...", highlight=False))
+    say = lambda label: console.print(f"  {label} ...", highlight=False)  # noqa: E731
+    paths = {**assets.fetch_all(progress=say), **tiny.fetch_tiny(progress=say)}
     for label, path in paths.items():
         print(f"{label}: {path}")
     return 0

@@ -81,8 +81,7 @@ def demo_config(*, model: str | None = None, data: str | None = None, merge: str
 def check_model(model: str) -> None:
     """Refuse a model tunefix cannot train (missing, or of an unsupported family) from its
     config or GGUF header alone."""
-    from tunefix.doctor.subject import check_gguf_architecture, resolve_model_path
-    from tunefix.model.load import check_model_family
+    from tunefix.model.files import check_gguf_architecture, check_model_family, resolve_model_path
 
     path = resolve_model_path(model)
     if path.suffix == ".gguf":
@@ -264,14 +263,10 @@ def answer_accuracy(answers: list[str], conversations) -> float:
 
 
 def accuracy_png(acc: dict[str, float], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from tunefix._io import atomic_path
+    from tunefix.train.plot import figure
 
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    fig, ax = figure((7, 3.2))
     names = list(acc)
     ax.barh(names, [acc[n] for n in names], color="#1f77b4")
     ax.axvline(MAJORITY, color="#d62728", linestyle="--", label="majority answer (61.6%)")
@@ -281,5 +276,4 @@ def accuracy_png(acc: dict[str, float], out: Path) -> Path:
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return out

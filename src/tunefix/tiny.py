@@ -11,6 +11,7 @@ read by transformers 5.24 (see design.md), and the Gemma checks are about the co
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,3 +119,13 @@ def tiny_model(family: str, *, hidden: int = 256, layers: int = 2, seed: int = 0
     name = f"tiny-{family}-h{hidden}-l{layers}-s{seed}"
     return assets.cached_dir(name, lambda tmp: build_tiny(family, tmp, hidden=hidden, layers=layers,
                                                           seed=seed), version="4")
+
+
+def fetch_tiny(progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Build every family's tiny model ahead of time (``tunefix assets fetch``); the paths."""
+    say = progress or (lambda _msg: None)
+    out = {}
+    for family in FAMILIES:
+        say(f"tiny {family} model")
+        out[f"tiny {family} model"] = tiny_model(family)
+    return out

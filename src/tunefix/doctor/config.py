@@ -11,7 +11,7 @@ GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 def unsupported_family(p: Probe) -> Finding | None:
     """The doctor still examines a model of another family (its tokenizer, template and
     embeddings are checked the same way), but says that train and export will refuse it."""
-    from tunefix.model.load import SUPPORTED
+    from tunefix.model.files import SUPPORTED
 
     family = p.s.model_type
     if not family or family in SUPPORTED:

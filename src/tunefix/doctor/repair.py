@@ -31,11 +31,11 @@ def load_for_fix(path: Path, *, trust_remote_code: bool = False, allow_pickle: b
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path.suffix == ".gguf":
-        from tunefix.model.load import dequantized_gguf_model
+        from tunefix.model.files import dequantized_gguf_model
 
         model = dequantized_gguf_model(path, torch.float32)
         return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    from tunefix.doctor.subject import check_model_code, weights_kind
+    from tunefix.model.files import check_model_code, weights_kind
 
     check_model_code(path, trust_remote_code)
     safetensors = weights_kind(path, allow_pickle) == "safetensors"

@@ -94,7 +94,7 @@ def resolve_source(source: str | os.PathLike) -> Source:
     if path.suffix == ".gguf":
         raise TunefixError(f"{path} is already a GGUF file", "Export a run directory or a Hugging Face model")
     if not path.exists():
-        from tunefix.doctor.subject import resolve_model_path
+        from tunefix.model.files import resolve_model_path
 
         try:
             path = resolve_model_path(str(source))
@@ -109,7 +109,7 @@ def resolve_source(source: str | os.PathLike) -> Source:
         cfg, summary = read_run(path)
         return Source(path.resolve(), "run", summary.get("base_model") or cfg.model, cfg)
     if (path / "config.json").is_file():
-        from tunefix.model.load import check_model_family
+        from tunefix.model.files import check_model_family
 
         check_model_family(path)  # before llama.cpp's converter fails on it, minutes in
         return Source(path.resolve(), "model")

@@ -57,6 +57,7 @@ MMAP_THRESHOLD = 64 * 1024  # bytes: blocks this size or larger get their own mm
 TRIM_THRESHOLD = 0  # bytes of free heap top kept before trimming: none
 # The backward phase: glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit), and a
 # heap top kept until the next forward trims it.
+GLIBC_MMAP_THRESHOLD = GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's defaults (mallopt(3))
 BACKWARD_MMAP_THRESHOLD = 32 * 1024 * 1024
 BACKWARD_TRIM_THRESHOLD = 1 << 30
 
@@ -94,6 +95,15 @@ class AllocatorTuning:
         holds nothing across layers, so its heap does not fragment the way the forward's
         would (the forward keeps each layer's checkpointed input between its temporaries)."""
         self._set({"mmap_threshold": BACKWARD_MMAP_THRESHOLD, "trim_threshold": BACKWARD_TRIM_THRESHOLD})
+
+    def restore(self) -> None:
+        """glibc's own default values back (128 KiB each) and the free heap returned: nothing
+        of the tuning outlives the training that asked for it. (glibc has no getter for these,
+        and any mallopt call turns its adaptive mmap threshold off for good, so "back" means
+        its documented starting values; measured below in tests/test_allocator.py.)"""
+        self._set({"mmap_threshold": GLIBC_MMAP_THRESHOLD, "trim_threshold": GLIBC_TRIM_THRESHOLD})
+        if self.applied:
+            self.libc.malloc_trim(ctypes.c_size_t(0))
 
     def _set(self, values: dict[str, int]) -> None:
         if not self.applied:

@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tunefix.errors import TunefixError
-
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "gemma3_text")
-
-
-def unsupported_family(family: str, architectures: list | None = None) -> TunefixError:
-    """The one-line refusal of a model family tunefix cannot train or export."""
-    arch = f" ({', '.join(map(str, architectures))})" if architectures else ""
-    return TunefixError(f"model family {family!r}{arch} is not supported by tunefix",
-                        f"Pass a model of a supported family: {', '.join(SUPPORTED)} "
-                        "(e.g. Llama 2/3, SmolLM2, Mistral, Qwen2.x, Phi-3, Gemma 1/2/3)")
-
-
-def check_model_family(path: Path) -> None:
-    """Refuse a Hugging Face model directory of an unsupported family from its config.json
-    alone, before any weight is read or any file written: otherwise transformers fails on its
-    own registry (for a type it does not know) or llama.cpp's converter fails minutes into an
-    export. A directory whose config.json names no model (a tunefix run's) passes, as does an
-    unreadable one (the loader reports it with its own message).
-    """
-    import json
-
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not isinstance(config, dict):
-        return
-    family = config.get("model_type")
-    architectures = config.get("architectures")
-    architectures = architectures if isinstance(architectures, list) else None
-    if not family and not architectures:
-        return
-    if family not in SUPPORTED:
-        raise unsupported_family(str(family or "unknown"), architectures)
+from tunefix.model.files import (
+    SUPPORTED,
+    check_model_code,
+    check_model_family,
+    read_gguf_model,
+    resolve_model_path,
+    unsupported_family,
+    weights_kind,
+)
 
 
 def cpu_has_bf16() -> bool:
@@ -90,57 +61,6 @@ def _quantization_config(load_in_4bit: bool):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _from_gguf(path: Path, dtype):
-    try:
-        return _read_gguf(path, dtype)
-    except TunefixError:
-        raise
-    except Exception as e:  # transformers/gguf-py raise many types for a bad or foreign file
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise TunefixError(f"cannot load {path} as a model ({type(e).__name__}: {first[:160]})",
-                           f"Pass a GGUF of a supported family ({', '.join(SUPPORTED)}) written by "
-                           "llama.cpp, or a Hugging Face directory") from None
-
-
-def _read_gguf(path: Path, dtype):
-    from transformers import AutoTokenizer
-
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise TunefixError(f"{path} is not a GGUF file (it starts with {magic!r})",
-                           "Pass a .gguf file written by llama.cpp, or a model directory")
-    from tunefix.doctor.subject import check_gguf_architecture
-
-    check_gguf_architecture(path)  # transformers would load a Mamba GGUF as a Mamba model
-    return dequantized_gguf_model(path, dtype), AutoTokenizer.from_pretrained(str(path.parent),
-                                                                             gguf_file=path.name)
-
-
-def dequantized_gguf_model(path: Path, dtype):
-    """A GGUF checkpoint as an ordinary (savable, trainable) transformers model.
-
-    transformers dequantises GGUF weights but marks the model "quantized with gguf" and
-    refuses ``save_pretrained`` on it, so the model is rebuilt from its config without the
-    quantization config and given the state dict.
-    """
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # dequantised: plain tensors now
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # A tied lm_head is absent from the state dict of a tied model; nothing else may be.
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF rebuild of {path.name}: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model
-
-
 def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: bool = False,
                dtype: Any = None, template: str | None = None, fix: bool = True,
                trust_remote_code: bool = False, allow_pickle: bool = False,
@@ -160,7 +80,6 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tunefix.doctor import apply_fixes, examine
-    from tunefix.doctor.subject import check_model_code, resolve_model_path, weights_kind
 
     say = report or (lambda _line: None)
     path = resolve_model_path(name_or_path)
@@ -171,7 +90,7 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
         if load_in_4bit:
             raise TunefixError("load_in_4bit from a GGUF file is not supported",
                                "Load the original Hugging Face checkpoint in 4-bit instead")
-        model, tok = _from_gguf(path, torch.float32 if dtype == "auto" else dtype)
+        model, tok = read_gguf_model(path, torch.float32 if dtype == "auto" else dtype)
     else:
         if not path.is_dir():
             raise TunefixError(f"{path} is neither a model directory nor a .gguf file",

@@ -9,7 +9,6 @@ backend out of memory", CPU "DefaultCPUAllocator: can't allocate memory"), and P
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,16 +24,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError | torch.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXTS)
-
-
-def first_missing(path: Path) -> Path | None:
-    """The outermost directory that creating ``path`` (with parents) would create; None if it exists."""
-    missing = None
-    for p in (path, *path.absolute().parents):
-        if p.exists():
-            break
-        missing = p
-    return missing
 
 
 def checkpointing_mode(cfg: RunConfig, cuda: bool) -> str:
@@ -68,23 +57,6 @@ def memory_hint(cfg: RunConfig, cuda: bool) -> str:
     return ", ".join(steps[:-1]) + (", or " if len(steps) > 1 else "") + steps[-1]
 
 
-def _clean_up(run_dir: Path, created: Path | None, resume: bool) -> str:
-    """Remove what a fresh run wrote before its first complete checkpoint; keep a run that has one."""
-    from tunefix.train.trainer import last_complete_checkpoint
-
-    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
-    if checkpoint is not None:
-        return f"; {RunConfig.option('resume')} then continues from {checkpoint.name} in {run_dir}"
-    if resume:
-        return ""
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
-    elif run_dir.is_dir():  # it existed, empty (a non-empty one is refused): empty it again
-        for p in run_dir.iterdir():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return ""
-
-
 @contextlib.contextmanager
 def out_of_memory_as_error(cfg: RunConfig, trainer, run_dir: Path, created: Path | None,
                            *, owner: bool = True) -> Iterator[None]:
@@ -106,7 +78,9 @@ def out_of_memory_as_error(cfg: RunConfig, trainer, run_dir: Path, created: Path
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.empty_cache()
-        keep = _clean_up(run_dir, created, cfg.resume) if owner else ""
+        from tunefix.train.rundir import clean_up_fresh_run
+
+        keep = clean_up_fresh_run(run_dir, created, cfg.resume) if owner else ""
         step = trainer.state.global_step + 1
         raise TunefixError(
             f"out of memory in training step {step} (batch {cfg.batch_size} x up to {cfg.max_seq_length} "

@@ -9,14 +9,9 @@ def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], 
                 title: str = "tunefix") -> Path | None:
     if not train:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: write the file only
-    import matplotlib.pyplot as plt
-
     from tunefix._io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = figure((7, 4))
     steps, losses = zip(*train, strict=True)
     ax.plot(steps, losses, label="train loss", color="#1f77b4", linewidth=1.2)
     if evals:
@@ -30,5 +25,16 @@ def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], 
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return out
+
+
+def figure(size: tuple[float, float], dpi: int = 110):
+    """A matplotlib figure and its axes drawn by the Agg canvas directly: no pyplot, so no
+    backend switched for the whole process (``matplotlib.use``) and no figure kept in
+    pyplot's registry (a notebook's own plots stay as the user set them)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,100 +280,35 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
 
 
 def _log_into_run_dir(trainer, run_dir: Path) -> None:
-    """TensorBoard events in RUN_DIR/tensorboard, W&B's files in RUN_DIR/wandb (not in the
-    current directory), unless the user's environment says otherwise."""
+    """TensorBoard events in RUN_DIR/tensorboard (not in the current directory)."""
     from transformers.integrations import TensorBoardCallback
 
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
             cb.logging_dir = str(run_dir / "tensorboard")
-    if "wandb" in trainer.args.report_to:
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run, to resume a non-run, or to write where nothing can be."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir} is a file, not a directory",
-                           f"Choose another {RunConfig.option('output_dir')}")
-    for parent in run_dir.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir}: {parent} is a file",
-                                   f"Choose an {RunConfig.option('output_dir')} under a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir}: cannot write in {parent}",
-                                   f"Choose an {RunConfig.option('output_dir')} you can write to")
-            break
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise TunefixError(f"run directory {run_dir} already exists",
-                           f"Pass {RunConfig.option('resume')} to continue it, or choose another "
-                           f"{RunConfig.option('output_dir')}")
-    if resume and not (run_dir / "config.json").is_file():
-        raise TunefixError(f"{run_dir} is not a tunefix run to resume (no config.json)",
-                           f"Pass the {RunConfig.option('output_dir')} of an interrupted `tunefix train`")
-
-
-# What a checkpoint written by transformers' Trainer holds once complete. Trainer writes
-# them in place, not atomically (weights, optimizer, scheduler, RNG, then trainer_state.json
-# last), so a process killed mid-save leaves a directory that looks like a checkpoint but is
-# not one. Resume uses the newest complete one and deletes the incomplete ones (ours, and
-# useless), instead of transformers' "highest number wins".
-_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
-_WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
-
-
-def checkpoint_complete(path: Path) -> bool:
-    if not all((path / name).is_file() for name in _CHECKPOINT_FILES):
-        return False
-    if not any((path / name).is_file() for name in _WEIGHT_FILES):
-        return False
-    if not any(path.glob("rng_state*.pth")):
-        return False
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return f"checkpoint-{state.get('global_step')}" == path.name
-
-
-def last_complete_checkpoint(checkpoints: Path, *, clean: bool = False) -> Path | None:
-    """The newest complete ``checkpoint-N`` under ``checkpoints``; ``clean`` removes broken ones."""
-    import shutil
-
-    found = []
-    for p in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else ():
-        suffix = p.name.rsplit("-", 1)[-1]
-        if p.is_dir() and suffix.isdigit():
-            found.append((int(suffix), p))
-    best = None
-    for _, p in sorted(found, reverse=True):
-        if checkpoint_complete(p):
-            best = best or p
-        elif clean and best is None:  # newer than every complete one: a save cut short
-            log.warning("removing %s: an incomplete checkpoint (the run was killed while saving)", p)
-            shutil.rmtree(p)
-    return best
 
 
 @contextlib.contextmanager
-def disk_full_as_error(run_dir: Path, owner: bool = True):
-    """A full disk (or quota, or read-only file system) while Trainer writes a checkpoint or
-    we append metrics: one line, and the checkpoint it was writing removed, so the run
-    directory holds complete checkpoints only and ``--resume`` continues from the last one."""
-    from tunefix._io import _DISK_ERRORS, _disk_error
+def _scoped_process_state(trainer, run_dir: Path) -> Iterator[None]:
+    """What training changes in the process, undone when it ends (a notebook runs train()
+    many times). W&B: a run of our own in RUN_DIR/wandb, finished at the end. transformers'
+    callback would open one (into a directory wandb caches process-wide at its first init)
+    and leave it open, so the next train() logged into the first run's folder; it takes an
+    open run as given, so it logs into ours. A run the user opened is used and left open.
+    The lean CPU allocator gets glibc's defaults back."""
+    run = None
+    if "wandb" in trainer.args.report_to:
+        import wandb
 
+        if wandb.run is None:
+            run = wandb.init(dir=str(run_dir), name=run_dir.name, project=os.getenv("WANDB_PROJECT", "huggingface"))
     try:
         yield
-    except Exception as e:
-        disk = _disk_error(e, run_dir)
-        if disk is None:
-            raise
-        kept = last_complete_checkpoint(run_dir / "checkpoints", clean=True) if owner else None
-        then = (f"then {RunConfig.option('resume')} continues from {kept.name}" if kept
-                else "then train again")
-        raise TunefixError(f"{_DISK_ERRORS[disk]} while writing the run in {run_dir}",
-                           f"Free some space (the unfinished checkpoint was removed), {then}") from None
+    finally:
+        if run is not None:
+            run.finish()
+        if trainer.allocator:
+            trainer.allocator.restore()
 
 
 def train(cfg: RunConfig, *, console=None) -> RunResult:
@@ -384,8 +320,14 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     from tunefix.model.load import load_model
     from tunefix.model.lora import add_lora
     from tunefix.train.callbacks import LossLog, NonFiniteStop, RichProgress
-    from tunefix.train.memory import first_missing, out_of_memory_as_error
+    from tunefix.train.memory import out_of_memory_as_error
     from tunefix.train.plot import plot_losses
+    from tunefix.train.rundir import (
+        check_run_dir,
+        disk_full_as_error,
+        first_missing,
+        prepare_resume,
+    )
 
     cfg.model = cfg.model or str(assets.smollm2())
     cfg.validate()
@@ -416,15 +358,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
     template, train_conv, eval_conv = prepare_data(cfg, tok, prepared)
     train_rows = tokenize(cfg, tok, template, train_conv)
     eval_rows = tokenize(cfg, tok, template, eval_conv, warn=False) if eval_conv else []
-    checkpoint = None
-    if cfg.resume:
-        if main:
-            from tunefix._io import remove_stale
-
-            remove_stale(run_dir)  # unfinished writes of a killed run (said in the log, with the size)
-        checkpoint = last_complete_checkpoint(run_dir / "checkpoints", clean=main)
-        if checkpoint is None:
-            log.warning("%s has no complete checkpoint yet: training starts from step 0", run_dir)
+    checkpoint = prepare_resume(run_dir, owner=main) if cfg.resume else None
     created = first_missing(run_dir)  # removed again if training runs out of memory early
     if main:
         try:
@@ -471,14 +405,15 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs
     loss_log.trainer = trainer
-    with out_of_memory_as_error(cfg, trainer, run_dir, created, owner=main), disk_full_as_error(run_dir, main):
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if stop.bad_step is not None:
-        raise TunefixError(f"the loss became {stop.bad_value} at step {stop.bad_step}; training stopped",
-                           likely_cause(model, tok, cfg))
-    if eval_rows and not cfg.eval_steps:
-        metrics = trainer.evaluate()
-        loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
+    with _scoped_process_state(trainer, run_dir):
+        with out_of_memory_as_error(cfg, trainer, run_dir, created, owner=main), disk_full_as_error(run_dir, main):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stop.bad_step is not None:
+            raise TunefixError(f"the loss became {stop.bad_value} at step {stop.bad_step}; training stopped",
+                               likely_cause(model, tok, cfg))
+        if eval_rows and not cfg.eval_steps:
+            metrics = trainer.evaluate()
+            loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
     result = RunResult(run_dir, trainer.state.global_step, loss_log.train, loss_log.eval,
                        len(train_rows), len(eval_rows), fixes,
                        "fsdp" if uses_fsdp(cfg.method) else str(trainer.accelerator.distributed_type.value).lower())
@@ -499,7 +434,7 @@ def train(cfg: RunConfig, *, console=None) -> RunResult:
 def check_against_model_config(cfg: RunConfig) -> None:
     """Checks that need the model's config.json only (no weights): a LoRA rank above the
     hidden size (the adapter would be larger than the layer it adapts)."""
-    from tunefix.doctor.subject import resolve_model_path
+    from tunefix.model.files import resolve_model_path
 
     path = resolve_model_path(cfg.model)
     config_file = path / "config.json" if path.is_dir() else None

@@ -1,0 +1,330 @@
+"""Model files, read without running them: paths, config.json, the weights' kind, the
+remote-code and pickle policy, safetensors and GGUF headers, and a GGUF as a transformers model.
+
+The model layer's ground floor: the doctor (which examines these files) and ``load_model``
+(which loads them with the doctor's fixes) both build on it; it imports neither.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunefix.errors import TunefixError
+
+# ---------------------------------------------------------------------- families
+
+SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+def unsupported_family(family: str, architectures: list | None = None) -> TunefixError:
+    """The one-line refusal of a model family tunefix cannot train or export."""
+    arch = f" ({', '.join(map(str, architectures))})" if architectures else ""
+    return TunefixError(f"model family {family!r}{arch} is not supported by tunefix",
+                        f"Pass a model of a supported family: {', '.join(SUPPORTED)} "
+                        "(e.g. Llama 2/3, SmolLM2, Mistral, Qwen2.x, Phi-3, Gemma 1/2/3)")
+
+
+def check_model_family(path: Path) -> None:
+    """Refuse a Hugging Face model directory of an unsupported family from its config.json
+    alone, before any weight is read or any file written: otherwise transformers fails on its
+    own registry (for a type it does not know) or llama.cpp's converter fails minutes into an
+    export. A directory whose config.json names no model (a tunefix run's) passes, as does an
+    unreadable one (the loader reports it with its own message).
+    """
+    import json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    family = config.get("model_type")
+    architectures = config.get("architectures")
+    architectures = architectures if isinstance(architectures, list) else None
+    if not family and not architectures:
+        return
+    if family not in SUPPORTED:
+        raise unsupported_family(str(family or "unknown"), architectures)
+
+
+
+# ------------------------------------------------------------------------ paths
+
+
+def resolve_model_path(model: str) -> Path:
+    """A directory, a .gguf file, or a hub id found in the local Hugging Face cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(model, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError) as e:
+            raise TunefixError(f"{model} is not a path and not in the local Hugging Face cache "
+                               f"({type(e).__name__})",
+                               "tunefix works offline: download it once where you have access "
+                               "(huggingface-cli download), or pass a local directory") from None
+    raise TunefixError(f"{model}: no such file or directory", "Pass a model directory or a .gguf file")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TunefixError(f"{path} is not readable JSON ({e.__class__.__name__}: {e})",
+                           "Fix the file, or download or save the model again") from None
+
+
+# ------------------------------------------------------------------ untrusted model files
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def weights_kind(directory: Path, allow_pickle: bool) -> str:
+    """"safetensors", or "pickle" when only pickle weights exist and the user opted in.
+
+    Pickle files (``pytorch_model.bin``, ``*.pt``) can run arbitrary code when unpickled;
+    they are refused unless ``--allow-pickle`` is given, and then read with torch's
+    ``weights_only=True`` loader, which accepts tensors and plain containers only.
+    """
+    if any(directory.glob("*.safetensors")):
+        return "safetensors"
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+                     and p.name != "training_args.bin")
+    if not pickles:
+        raise TunefixError(f"{directory} holds no weights (no *.safetensors, no pickle files)",
+                           "Pass the directory that holds the model's *.safetensors files")
+    if not allow_pickle:
+        raise TunefixError(f"{directory} has pickle weights only ({', '.join(pickles[:3])}), which can run "
+                           "code when loaded",
+                           "Convert them to safetensors, or pass --allow-pickle if you trust the files "
+                           "(they are then loaded with weights_only=True)")
+    return "pickle"
+
+
+def check_model_code(directory: Path, trust_remote_code: bool) -> None:
+    """Refuse a model whose config or tokenizer needs Python code shipped with it.
+
+    ``auto_map`` names classes in ``.py`` files of the model repository; transformers runs
+    them with ``trust_remote_code=True``. A config whose ``model_type`` transformers knows
+    loads with the built-in class instead (many repos keep a stale ``auto_map``), so only
+    unknown types count.
+    """
+    if trust_remote_code:
+        return
+    needs: list[str] = []
+    config_file = directory / "config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    if isinstance(config, dict) and config.get("auto_map"):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+            needs.append(f"config.json auto_map {_classes(config['auto_map'])}")
+    tok_file = directory / "tokenizer_config.json"
+    tok_config = read_json(tok_file) if tok_file.is_file() else {}
+    if isinstance(tok_config, dict) and tok_config.get("auto_map"):
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        name = tok_config.get("tokenizer_class")
+        try:
+            known = bool(name) and tokenizer_class_from_name(str(name)) is not None
+        except Exception:  # an odd name is as unknown as a missing one
+            known = False
+        if not known:
+            needs.append(f"tokenizer_config.json auto_map {_classes(tok_config['auto_map'])}")
+    if needs:
+        raise TunefixError(f"{directory} needs its own Python code to load ({'; '.join(needs)}); "
+                           "tunefix runs no code from model files by default",
+                           "Pass --trust-remote-code if you trust the code in that directory")
+
+
+def _classes(auto_map: Any) -> str:
+    values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    flat = [v for x in values for v in (x if isinstance(x, list) else [x]) if v]
+    return ", ".join(str(v) for v in flat[:3])
+
+
+def load_pickle_weights(directory: Path) -> dict[str, Any]:
+    """Every tensor of a directory's pickle weights, read with ``weights_only=True``."""
+    import torch
+
+    tensors: dict[str, Any] = {}
+    for f in sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin"):
+        try:
+            loaded = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # UnpicklingError for anything beyond tensors, or a broken file
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise TunefixError(f"{f}: refused or unreadable pickle ({first[:160]})",
+                               "The file holds more than tensors or is corrupt; convert the model to "
+                               "safetensors with code you trust") from None
+        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            raise TunefixError(f"{f} holds a {type(loaded).__name__}, not a state dict of tensors")
+        tensors.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    return tensors
+
+
+
+# --------------------------------------------------------------------- headers
+
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise TunefixError(f"{file} is not a readable safetensors file ({e})",
+                           "The file is truncated or corrupt: download or save it again") from None
+    if not isinstance(header, dict):
+        raise TunefixError(f"{file} is not a readable safetensors file (its header is not a JSON object)",
+                           "The file is truncated or corrupt: download or save it again")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+# GGUF architectures (general.architecture) of the supported families; Mistral's GGUFs say "llama".
+GGUF_ARCHES = ("llama", "qwen2", "phi3", "gemma", "gemma2", "gemma3")
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(file: Path, max_keys: int = 64) -> str | None:
+    """``general.architecture`` read from the GGUF header alone (no tensor data, no vocab).
+
+    gguf-py's reader parses every key first (16 s on a 151k vocab); the architecture is by
+    convention the first key, so a few reads suffice. None when it cannot be found.
+    """
+    import struct
+
+    def read(f, n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    def skip(f, vtype: int) -> None:
+        if vtype in _GGUF_SCALARS:
+            read(f, _GGUF_SCALARS[vtype])
+        elif vtype == _GGUF_STRING:
+            f.seek(struct.unpack("<Q", read(f, 8))[0], 1)
+        elif vtype == _GGUF_ARRAY:
+            etype, count = struct.unpack("<IQ", read(f, 12))
+            if etype in _GGUF_SCALARS:
+                f.seek(_GGUF_SCALARS[etype] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, etype)
+        else:
+            raise ValueError(vtype)
+
+    try:
+        with open(file, "rb") as f:
+            if read(f, 4) != b"GGUF":
+                return None
+            _version, _tensors, n_kv = struct.unpack("<IQQ", read(f, 20))
+            for _ in range(min(n_kv, max_keys)):
+                key_len = struct.unpack("<Q", read(f, 8))[0]
+                if key_len > 65536:
+                    return None
+                key = read(f, key_len)
+                vtype = struct.unpack("<I", read(f, 4))[0]
+                if key == b"general.architecture" and vtype == _GGUF_STRING:
+                    n = struct.unpack("<Q", read(f, 8))[0]
+                    return read(f, min(n, 256)).decode("utf-8", "replace")
+                skip(f, vtype)
+    except (OSError, EOFError, ValueError, struct.error):
+        return None
+    return None
+
+
+def check_gguf_architecture(file: Path) -> str:
+    """The GGUF's architecture when tunefix supports it; a TunefixError otherwise."""
+    arch = gguf_architecture(file)
+    if arch is None:
+        raise TunefixError(f"{file} is not a readable GGUF file (no general.architecture in its header)",
+                           "The file is truncated or corrupt: download or convert it again")
+    if arch not in GGUF_ARCHES:
+        raise TunefixError(f"{file}: GGUF architecture {arch!r} is not supported",
+                           f"Supported: {', '.join(GGUF_ARCHES)}; for another family pass its Hugging Face "
+                           "directory")
+    return arch
+
+
+def check_gguf_magic(file: Path) -> None:
+    """A one-line TunefixError unless ``file`` starts as a GGUF file does."""
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise TunefixError(f"{file} is not a GGUF file (it starts with {magic!r})",
+                           "Pass a .gguf file written by llama.cpp, or a model directory")
+
+
+def require_gguf(file: Path) -> str:
+    """A GGUF file of a supported architecture (its magic, then its header): the
+    architecture, or a one-line TunefixError."""
+    check_gguf_magic(file)
+    return check_gguf_architecture(file)
+
+
+# ------------------------------------------------------------------ GGUF as a model
+
+
+def read_gguf_model(path: Path, dtype):
+    """Model and tokenizer from a GGUF file (dequantised), with one-line errors."""
+    try:
+        return _read_gguf(path, dtype)
+    except TunefixError:
+        raise
+    except Exception as e:  # transformers/gguf-py raise many types for a bad or foreign file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TunefixError(f"cannot load {path} as a model ({type(e).__name__}: {first[:160]})",
+                           f"Pass a GGUF of a supported family ({', '.join(SUPPORTED)}) written by "
+                           "llama.cpp, or a Hugging Face directory") from None
+
+
+def _read_gguf(path: Path, dtype):
+    from transformers import AutoTokenizer
+
+    require_gguf(path)  # transformers would load a Mamba GGUF as a Mamba model
+    return dequantized_gguf_model(path, dtype), AutoTokenizer.from_pretrained(str(path.parent),
+                                                                             gguf_file=path.name)
+
+
+def dequantized_gguf_model(path: Path, dtype):
+    """A GGUF checkpoint as an ordinary (savable, trainable) transformers model.
+
+    transformers dequantises GGUF weights but marks the model "quantized with gguf" and
+    refuses ``save_pretrained`` on it, so the model is rebuilt from its config without the
+    quantization config and given the state dict.
+    """
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # dequantised: plain tensors now
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied lm_head is absent from the state dict of a tied model; nothing else may be.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF rebuild of {path.name}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
