@@ -537,3 +537,29 @@ def test_real_processes_print_one_line(case_id, tmp_path, tiny_llama):
     line = one_line_with_next_step(proc.stderr)
     assert case.needle.lower() in line.lower()
     assert snapshot(work) == before
+
+
+def test_one_rule_for_every_output_directory(tmp_path):
+    """train's output_dir, doctor --fix and export --out share _io.check_output_dir."""
+    import importlib
+    import inspect
+
+    from tunefix._io import check_output_dir
+    from tunefix.errors import TunefixError
+
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", "--out")  # an empty directory is fine
+    check_output_dir(tmp_path / "new" / "deeper", "--out")  # so is a new one
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(TunefixError, match="already exists and is not empty"):
+        check_output_dir(tmp_path / "busy", "--out", allow_hint="Pass --force")
+    check_output_dir(tmp_path / "busy", "--out", allowed=True)  # --force / --resume said so
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TunefixError, match="is a file, not a directory"):
+        check_output_dir(tmp_path / "file", "--out")
+    with pytest.raises(TunefixError, match="file is a file, not a directory"):
+        check_output_dir(tmp_path / "file" / "below", "--out")
+    for module, name in (("tunefix.train.rundir", "check_run_dir"), ("tunefix.doctor.repair", "check_out_dir"),
+                         ("tunefix.export.pipeline", "check_out_dir")):
+        assert "check_output_dir(" in inspect.getsource(getattr(importlib.import_module(module), name)), module

@@ -265,6 +265,27 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
         raise
 
 
+def check_output_dir(out: str | os.PathLike, option: str, *, allowed: bool = False,
+                     allow_hint: str | None = None) -> None:
+    """One rule for every command's output directory (``train``'s output_dir, ``doctor --fix``,
+    ``export --out``): it does not exist yet or is a directory, the nearest existing one of it
+    and its parents is a directory this user can write in, and it is empty unless ``allowed``
+    (by the flag that lets the command continue or replace it, named in ``allow_hint``).
+    Checked before anything slow runs, so a mistake costs one line and writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TunefixError(f"{option} {out} is a file, not a directory", f"Choose another {option}")
+    nearest = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise TunefixError(f"{option} {out}: {nearest} is a file, not a directory",
+                           f"Choose an {option} under a directory")
+    if nearest is not None and not os.access(nearest, os.W_OK | os.X_OK):
+        raise TunefixError(f"{option} {out}: cannot write in {nearest}", f"Choose an {option} you can write to")
+    if out.is_dir() and any(out.iterdir()) and not allowed:
+        raise TunefixError(f"{option} {out} already exists and is not empty",
+                           allow_hint or f"Choose another {option}: tunefix never overwrites")
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--data", help="a data file whose rows are checked against the model")
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
     doc.add_argument("--fix", metavar="OUT_DIR", help="write a repaired copy to OUT_DIR (never the input)")
-    doc.add_argument("--force", action="store_true", help="allow --fix into an existing empty directory")
+    doc.add_argument("--force", action="store_true",
+                     help="accepted for old scripts: an existing empty --fix directory needs no flag, and a "
+                          "non-empty one is never overwritten")
     doc.add_argument("--trust-remote-code", action="store_true",
                      help="run Python code shipped with the model (config auto_map); off by default")
     doc.add_argument("--allow-pickle", action="store_true",

@@ -72,9 +72,9 @@ def apply_fixes(model, tokenizer, report: Report, template: str | None = None, d
     return _apply(model, tokenizer, report, template=template, data_texts=data_texts)
 
 
-def write_fixed(model_path: str, out_dir: str, report: Report, force: bool = False, *,
-                trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
+def write_fixed(model_path: str, out_dir: str, report: Report, *, trust_remote_code: bool = False,
+                allow_pickle: bool = False) -> list[str]:
+    """A repaired copy of the model in ``out_dir`` (new or empty; nothing is overwritten)."""
     from tunefix.doctor.repair import write_fixed as _write
 
-    return _write(model_path, out_dir, report, force=force, trust_remote_code=trust_remote_code,
-                  allow_pickle=allow_pickle)
+    return _write(model_path, out_dir, report, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

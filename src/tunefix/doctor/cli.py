@@ -54,13 +54,12 @@ def run_doctor(args: argparse.Namespace) -> int:
 
         from tunefix.doctor.repair import check_out_dir
 
-        check_out_dir(Path(args.fix).expanduser(), args.force)
+        check_out_dir(Path(args.fix).expanduser())
     report = examine(args.model, template=args.template, data=args.data, trust_remote_code=trust,
                      allow_pickle=pickle_ok)
     fixed_lines: list[str] = []
     if args.fix:
-        fixed_lines = write_fixed(args.model, args.fix, report, force=args.force, trust_remote_code=trust,
-                                  allow_pickle=pickle_ok)
+        fixed_lines = write_fixed(args.model, args.fix, report, trust_remote_code=trust, allow_pickle=pickle_ok)
     if args.json:
         out = report.to_dict()
         if args.fix:

@@ -5,24 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tunefix._io import atomic_dir
+from tunefix._io import atomic_dir, check_output_dir
 from tunefix.doctor.report import Report
-from tunefix.errors import TunefixError
 
 
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    for parent in out_dir.absolute().parents:  # the nearest existing ancestor must be a directory
-        if parent.exists():
-            if not parent.is_dir():
-                raise TunefixError(f"--fix {out_dir}: {parent} is a file, not a directory",
-                                   "Choose an output directory under a directory")
-            break
-    if out_dir.exists():
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise TunefixError(f"{out_dir} already exists and is not empty",
-                               "Choose a new output directory; tunefix never overwrites")
-        if not force:
-            raise TunefixError(f"{out_dir} already exists", "Pass --force to write into an empty directory")
+def check_out_dir(out_dir: Path) -> None:
+    """A repaired copy never overwrites anything: an empty or new directory only."""
+    check_output_dir(out_dir, "--fix")
 
 
 def load_for_fix(path: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False):
@@ -46,17 +35,17 @@ def load_for_fix(path: Path, *, trust_remote_code: bool = False, allow_pickle: b
     return model, tok
 
 
-def write_fixed(model_path: str, out_dir: str, report: Report, force: bool = False, *,
+def write_fixed(model_path: str, out_dir: str, report: Report, *,
                 trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
     from tunefix.doctor.fixes import apply_fixes
 
     out = Path(out_dir).expanduser()
-    check_out_dir(out, force)
+    check_out_dir(out)
     subject = report.subject  # type: ignore[attr-defined]
     src = subject.path
     model, tok = load_for_fix(src, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     lines = apply_fixes(model, tok, report, template=subject.template, data_texts=subject.data_texts)
-    if out.exists():  # empty and --force: atomic_dir needs the final name free
+    if out.exists():  # empty (check_out_dir): atomic_dir needs the final name free
         out.rmdir()
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunefix._io import atomic_dir, human_size, inside, safe_name, write_text
+from tunefix._io import atomic_dir, check_output_dir, human_size, inside, safe_name, write_text
 from tunefix.errors import TunefixError
 from tunefix.llamacpp import LlamaCrash
 
@@ -125,14 +125,7 @@ def check_out_dir(out: Path, force: bool, source: Path) -> None:
     out = out.expanduser().resolve()
     if _inside(out, source) or _inside(source, out):
         raise TunefixError(f"--out {out} overlaps the source {source}", "Export into a directory of its own")
-    if out.exists() and not out.is_dir():
-        raise TunefixError(f"--out {out} exists and is not a directory", "Choose a directory path for --out")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:  # mkdir would fail with FileExistsError deep in the export
-        raise TunefixError(f"--out {out} lies under {blocker}, which is a file, not a directory",
-                           "Choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise TunefixError(f"--out {out} exists and is not empty", "Pass --force to replace it, or choose another")
+    check_output_dir(out, "--out", allowed=force, allow_hint="Pass --force to replace it, or choose another --out")
 
 
 def gguf_types(opts: ExportOptions) -> list[str]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
+from tunefix._io import check_output_dir
 from tunefix.errors import TunefixError
 from tunefix.train.config import RunConfig
 
@@ -22,25 +22,12 @@ log = logging.getLogger(__name__)
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse to overwrite a run, to resume a non-run, or to write where nothing can be."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir} is a file, not a directory",
-                           f"Choose another {RunConfig.option('output_dir')}")
-    for parent in run_dir.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir}: {parent} is a file",
-                                   f"Choose an {RunConfig.option('output_dir')} under a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise TunefixError(f"{RunConfig.option('output_dir')} {run_dir}: cannot write in {parent}",
-                                   f"Choose an {RunConfig.option('output_dir')} you can write to")
-            break
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise TunefixError(f"run directory {run_dir} already exists",
-                           f"Pass {RunConfig.option('resume')} to continue it, or choose another "
-                           f"{RunConfig.option('output_dir')}")
+    o = RunConfig.option
+    check_output_dir(run_dir, o("output_dir"), allowed=resume,
+                     allow_hint=f"Pass {o('resume')} to continue it, or choose another {o('output_dir')}")
     if resume and not (run_dir / "config.json").is_file():
         raise TunefixError(f"{run_dir} is not a tunefix run to resume (no config.json)",
-                           f"Pass the {RunConfig.option('output_dir')} of an interrupted `tunefix train`")
+                           f"Pass the {o('output_dir')} of an interrupted `tunefix train`")
 
 
 # What a checkpoint written by transformers' Trainer holds once complete. Trainer writes
