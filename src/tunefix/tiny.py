@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tunefix.errors import TunefixError
+from tunefix.families import FAMILIES as FAMILY_RECORDS
+from tunefix.families import Tiny
 
-
-@dataclass(frozen=True)
-class TinySpec:
-    family: str
-    tokenizer: str
-    tied: bool
-
-
-FAMILIES: dict[str, TinySpec] = {
-    "llama": TinySpec("llama", "llama-bpe", tied=False),      # Llama 3 (128k vocab)
-    "mistral": TinySpec("mistral", "llama-spm", tied=False),  # Mistral / Llama 2
-    "qwen2": TinySpec("qwen2", "qwen2", tied=True),
-    "phi3": TinySpec("phi3", "phi-3", tied=False),
-    "gemma": TinySpec("gemma", "llama-spm", tied=True),
-    "gemma2": TinySpec("gemma2", "llama-spm", tied=True),
-    "gemma3": TinySpec("gemma3", "llama-spm", tied=True),
-}
+FAMILIES = {name: f.tiny for name, f in FAMILY_RECORDS.items()}  # family -> its tiny spec
 
 
 STOP_IDS = {
@@ -44,7 +29,7 @@ STOP_IDS = {
 }
 
 
-def _config(spec: TinySpec, vocab_size: int, hidden: int, layers: int, tok):
+def _config(spec: Tiny, vocab_size: int, hidden: int, layers: int, tok):
     import transformers as tf
 
     common = dict(
@@ -53,26 +38,7 @@ def _config(spec: TinySpec, vocab_size: int, hidden: int, layers: int, tok):
         max_position_embeddings=2048, tie_word_embeddings=spec.tied,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
-    if spec.family == "llama":
-        return tf.LlamaConfig(**common, rope_theta=500000.0)
-    if spec.family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=None)
-    if spec.family == "qwen2":
-        return tf.Qwen2Config(**common)
-    if spec.family == "phi3":
-        return tf.Phi3Config(**common, sliding_window=2048)
-    if spec.family == "gemma":
-        return tf.GemmaConfig(**common, head_dim=64, hidden_activation="gelu_pytorch_tanh")
-    # Gemma 2/3 scale attention by query_pre_attn_scalar ** -0.5. Real checkpoints set it
-    # to head_dim (the 27B models aside), which is what llama.cpp uses; transformers'
-    # default 256 would make the tiny models disagree with their own exports.
-    if spec.family == "gemma2":
-        return tf.Gemma2Config(**common, head_dim=64, query_pre_attn_scalar=64,
-                               hidden_activation="gelu_pytorch_tanh")
-    if spec.family == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=64, query_pre_attn_scalar=64,
-                                   hidden_activation="gelu_pytorch_tanh")
-    raise AssertionError(spec.family)
+    return getattr(tf, spec.config_class)(**common, **spec.config)
 
 
 def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int = 2, seed: int = 0) -> Path:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from tunefix.doctor.probe import Probe
 from tunefix.doctor.report import Finding
-
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+from tunefix.families import SUPPORTED, family_of
 
 
 def unsupported_family(p: Probe) -> Finding | None:
     """The doctor still examines a model of another family (its tokenizer, template and
     embeddings are checked the same way), but says that train and export will refuse it."""
-    from tunefix.model.files import SUPPORTED
-
     family = p.s.model_type
     if not family or family in SUPPORTED:
         return None
@@ -24,7 +21,8 @@ def unsupported_family(p: Probe) -> Finding | None:
 
 def gemma_exact_gelu(p: Probe) -> Finding | None:
     c = p.s.config
-    if p.s.model_type not in GEMMA_TYPES:
+    family = family_of(p.s.model_type)
+    if family is None or not family.tanh_gelu:
         return None
     act = c.get("hidden_activation") or c.get("hidden_act")
     if act not in ("gelu", "gelu_python"):
@@ -37,11 +35,13 @@ def gemma_exact_gelu(p: Probe) -> Finding | None:
 
 def sliding_window_off_by_one(p: Probe) -> Finding | None:
     c = p.s.config
-    if p.s.model_type != "phi3" or c.get("sliding_window") != 2047:
+    family = family_of(p.s.model_type)
+    if family is None or family.window_fix is None or c.get("sliding_window") != family.window_fix[0]:
         return None
+    wrong, right = family.window_fix
     return Finding("sliding-window-off-by-one", "error",
-                   "Phi-3's sliding window is 2048 tokens; this config says 2047",
-                   {"sliding_window": 2047}, fix="set sliding_window to 2048", fixer="fix_sliding_window")
+                   f"{family.name}'s sliding window is {right} tokens; this config says {wrong}",
+                   {"sliding_window": wrong}, fix=f"set sliding_window to {right}", fixer="fix_sliding_window")
 
 
 def fused_projections(p: Probe) -> Finding | None:

@@ -9,24 +9,24 @@ from __future__ import annotations
 import re
 
 from tunefix.errors import TunefixError
+from tunefix.families import family_of
+
 
 # llama.cpp scales Gemma 2/3 attention by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for
 # the 27B models it recognises by layer count, and never reads query_pre_attn_scalar
 # (the converter does not write it). Measured: a tiny Gemma 3 with head_dim 64 and
 # transformers' default query_pre_attn_scalar 256 gave top-1 agreement 31% and max abs
 # diff 0.87; with 64, 100% and 0.0017. Real checkpoints satisfy the rule.
-_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62, "gemma3": 62}
-
-
 def gemma_attention_scale_problem(cfg: dict) -> str | None:
     model_type = cfg.get("model_type")
-    if model_type not in _GEMMA_27B_LAYERS:
+    family = family_of(model_type)
+    if family is None or family.layers_27b is None:
         return None
     text = cfg.get("text_config") or cfg  # Gemma 3 multimodal configs nest it
     scalar = text.get("query_pre_attn_scalar")
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     llama_dim = head_dim
-    if text.get("num_hidden_layers") == _GEMMA_27B_LAYERS[model_type]:
+    if text.get("num_hidden_layers") == family.layers_27b:
         llama_dim = text["hidden_size"] // text["num_attention_heads"]
     if scalar is None or scalar == llama_dim:
         return None

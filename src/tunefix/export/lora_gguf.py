@@ -26,10 +26,10 @@ from pathlib import Path
 
 from tunefix._io import atomic_path
 from tunefix.errors import TunefixError
+from tunefix.families import FUSED
 
 log = logging.getLogger(__name__)
 
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -68,7 +68,7 @@ def stage_adapter(adapter_dir: Path, out: Path) -> dict:
     out_tensors: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     for key in sorted(tensors):
-        for fused, parts in _FUSED.items():
+        for fused, parts in FUSED.items():
             marker = f".{fused}."
             if marker not in key or key in done:
                 continue

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from tunefix.errors import TunefixError
+from tunefix.families import GGUF_ARCHES, SUPPORTED
 
 # ---------------------------------------------------------------------- families
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "gemma3_text")
 
 
 def unsupported_family(family: str, architectures: list | None = None) -> TunefixError:
@@ -196,8 +196,6 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-# GGUF architectures (general.architecture) of the supported families; Mistral's GGUFs say "llama".
-GGUF_ARCHES = ("llama", "qwen2", "phi3", "gemma", "gemma2", "gemma3")
 
 
 _GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type -> bytes

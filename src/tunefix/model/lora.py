@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunefix.families import FUSED
+
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class SplitLinear(nn.Module):
@@ -52,7 +53,7 @@ def unfuse_projections(model) -> int:
     """Split every fused qkv_proj / gate_up_proj in place; returns how many were split."""
     count = 0
     for parent in list(model.modules()):
-        for fused_name, part_names in _FUSED.items():
+        for fused_name, part_names in FUSED.items():
             fused = getattr(parent, fused_name, None)
             if not isinstance(fused, nn.Linear):
                 continue
@@ -75,7 +76,7 @@ def fuse_projections(model) -> int:
     """Undo ``unfuse_projections`` (on a merged model): plain fused Linear layers again."""
     count = 0
     for parent in list(model.modules()):
-        for fused_name in _FUSED:
+        for fused_name in FUSED:
             split = getattr(parent, fused_name, None)
             if not isinstance(split, SplitLinear):
                 continue

@@ -1,0 +1,71 @@
+"""The model families tunefix trains and exports: one record each, read by every module.
+
+Adding a family is one ``Family`` record here plus its tests (design.md, "Adding a family",
+says exactly which). Nothing else in tunefix names a family's model types, its GGUF
+architecture, its fused projections or its config quirks. Stdlib only: importing this is free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Phi-3 computes q, k, v with one Linear and gate, up with another (see model/lora.py).
+PHI3_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """The tiny random test model of a family: its real tokenizer (a ``tunefix.assets``
+    name), tied embeddings, and the transformers config class with its family settings."""
+
+    tokenizer: str
+    tied: bool
+    config_class: str
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # transformers' config.model_type values
+    gguf_arch: str                # llama.cpp's general.architecture (Mistral's GGUFs say "llama")
+    tiny: Tiny
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused Linear -> its parts
+    tanh_gelu: bool = False       # trained with the tanh-approximate GELU (Gemma)
+    window_fix: tuple[int, int] | None = None  # (a wrong sliding window seen in configs, the right one)
+    layers_27b: int | None = None  # llama.cpp tells the 27B model (its own attention scale) by this
+
+
+# Gemma 2/3 scale attention by query_pre_attn_scalar ** -0.5. Real checkpoints set it to
+# head_dim (the 27B models aside), which is what llama.cpp uses; transformers' default 256
+# would make the tiny models disagree with their own exports (export/gguf_arch.py).
+_GEMMA_TINY = {"head_dim": 64, "hidden_activation": "gelu_pytorch_tanh"}
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", ("llama",), "llama",  # Llama 2/3, SmolLM2
+           Tiny("llama-bpe", tied=False, config_class="LlamaConfig", config={"rope_theta": 500000.0})),
+    Family("mistral", ("mistral",), "llama",
+           Tiny("llama-spm", tied=False, config_class="MistralConfig", config={"sliding_window": None})),
+    Family("qwen2", ("qwen2",), "qwen2", Tiny("qwen2", tied=True, config_class="Qwen2Config")),
+    Family("phi3", ("phi3",), "phi3",
+           Tiny("phi-3", tied=False, config_class="Phi3Config", config={"sliding_window": 2048}),
+           fused=PHI3_FUSED, window_fix=(2047, 2048)),
+    Family("gemma", ("gemma",), "gemma",
+           Tiny("llama-spm", tied=True, config_class="GemmaConfig", config=_GEMMA_TINY), tanh_gelu=True),
+    Family("gemma2", ("gemma2",), "gemma2",
+           Tiny("llama-spm", tied=True, config_class="Gemma2Config", config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}),
+           tanh_gelu=True, layers_27b=46),
+    Family("gemma3", ("gemma3", "gemma3_text"), "gemma3",
+           Tiny("llama-spm", tied=True, config_class="Gemma3TextConfig",
+                config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}),
+           tanh_gelu=True, layers_27b=62),
+)}
+
+SUPPORTED: tuple[str, ...] = tuple(t for f in FAMILIES.values() for t in f.model_types)
+GGUF_ARCHES: tuple[str, ...] = tuple(dict.fromkeys(f.gguf_arch for f in FAMILIES.values()))
+FUSED: dict[str, tuple[str, ...]] = {k: v for f in FAMILIES.values() for k, v in f.fused.items()}
+
+
+def family_of(model_type: str | None) -> Family | None:
+    """The family whose transformers model type this is; None for an unsupported one."""
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
