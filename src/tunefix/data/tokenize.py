@@ -15,8 +15,10 @@ from typing import Any
 
 from tunefix.errors import TunefixError
 from tunefix.templates import ChatTemplate, render_for
+from tunefix.templates.policy import IGNORE, bos_id, one_bos
 
-IGNORE = -100
+__all__ = ["IGNORE", "Tokenized", "bos_id", "pack", "render_with_spans", "tokenize_conversation",
+           "tokenize_rows", "tokenize_text"]
 Span = tuple[int, int]
 
 
@@ -27,15 +29,6 @@ class Tokenized:
     rows: list[dict[str, list[int]]] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
-
-
-def bos_id(tokenizer: Any) -> int | None:
-    """The BOS id this tokenizer adds, decided by tokenising (attributes lie, see design.md)."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id:
-        return with_special[0]
-    return None
 
 
 def _marker(i: int) -> str:
@@ -97,17 +90,6 @@ def _labels(ids: list[int], offsets: list[Span], spans: list[Span]) -> list[int]
     return out
 
 
-def _one_bos(ids: list[int], labels: list[int], bos: int | None) -> tuple[list[int], list[int]]:
-    if bos is None:
-        return ids, labels
-    if ids[:2] == [bos, bos]:
-        raise TunefixError("double-bos: the rendered text starts with BOS and the tokenizer adds another",
-                           "Run `tunefix doctor` on the model and template")
-    if ids[:1] != [bos]:
-        return [bos] + ids, [IGNORE] + labels
-    return ids, labels
-
-
 def tokenize_conversation(tokenizer: Any, template: ChatTemplate,
                           messages: Sequence[dict[str, str]]) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` (``-100`` outside answers) of one conversation, untruncated."""
@@ -115,7 +97,7 @@ def tokenize_conversation(tokenizer: Any, template: ChatTemplate,
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = _labels(ids, [tuple(o) for o in enc["offset_mapping"]], spans)
-    ids, labels = _one_bos(ids, labels, bos_id(tokenizer))
+    ids, labels = one_bos(ids, labels, bos_id(tokenizer))
     return {"input_ids": ids, "labels": labels}
 
 
@@ -124,7 +106,7 @@ def tokenize_text(tokenizer: Any, text: str) -> dict[str, list[int]]:
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    ids, labels = _one_bos(ids, list(ids), bos_id(tokenizer))
+    ids, labels = one_bos(ids, list(ids), bos_id(tokenizer))
     return {"input_ids": ids, "labels": labels}
 
 

@@ -88,12 +88,9 @@ class Probe:
     @functools.cached_property
     def tokenizer_adds_bos(self) -> bool:
         """Measured by tokenising, never read from ``add_bos_token`` (unreliable, design.md)."""
-        tok = self.s.tokenizer
-        _, bos_id = self.bos
-        if tok is None or bos_id is None:
-            return False
-        ids = tok("a", add_special_tokens=True)["input_ids"]
-        return bool(ids) and ids[0] == bos_id
+        from tunefix.templates.policy import adds_bos
+
+        return self.s.tokenizer is not None and adds_bos(self.s.tokenizer)
 
     def count_leading_bos(self, ids: list[int]) -> int:
         _, bos_id = self.bos

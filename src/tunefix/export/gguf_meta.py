@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunefix._io import atomic_path
+from tunefix.templates import policy
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,7 @@ def load_tokenizer(hf_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(hf_dir))
 
 
-def adds_bos(tok) -> bool:
-    """Whether the tokenizer puts BOS in front of plain text (measured, not read)."""
-    ids = tok("a")["input_ids"]
-    return tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
+adds_bos = policy.adds_bos  # the one token policy (measured by tokenising)
 
 
 def adds_eos(tok) -> bool:

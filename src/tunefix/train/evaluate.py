@@ -6,6 +6,8 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from tunefix.templates import policy
+
 
 @dataclass
 class EvalResult:
@@ -26,24 +28,9 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def prompt_ids(tokenizer, template, messages) -> list[int]:
-    """The inference prompt as tokenised for training: rendered, one BOS."""
-    from tunefix.data import bos_id
-    from tunefix.templates import render_for
-
-    text = render_for(tokenizer, template, messages, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = bos_id(tokenizer)
-    if bos is not None and ids[:1] != [bos]:
-        ids = [bos] + ids
-    return ids
-
-
-def stop_ids(tokenizer, template) -> list[int]:
-    from tunefix.templates import stop_tokens
-
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(template, tokenizer)}
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+# The one token policy (tunefix.templates.policy); kept under these names for callers.
+prompt_ids = policy.prompt_ids
+stop_ids = policy.stop_ids
 
 
 def generate_answers(model, tokenizer, template, conversations, *, max_new_tokens: int = 16,

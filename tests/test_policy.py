@@ -1,0 +1,54 @@
+"""The token policy (``tunefix.templates.policy``) is the one path: on every tiny family with
+every registry template its tokenizer can hold, the inference prompt of evaluation and chat is
+exactly the start of the training row, with one BOS."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from tunefix import tiny
+from tunefix.data import tokenize_conversation
+from tunefix.templates import REGISTRY, end_of_turn, policy, template_for
+
+CONVERSATION = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3 + 3?"},
+                {"role": "assistant", "content": "6"}]
+
+
+def _holds(tok, template) -> bool:
+    """The template's end-of-turn text is one token of this tokenizer (else training refuses it)."""
+    return len(tok(end_of_turn(template, tok), add_special_tokens=False)["input_ids"]) == 1
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return {f: AutoTokenizer.from_pretrained(str(tiny.tiny_model(f))) for f in tiny.FAMILIES}
+
+
+def test_every_family_is_checked_with_several_templates(toks):
+    pairs = [(f, n) for f in toks for n in REGISTRY if _holds(toks[f], template_for(toks[f], n))]
+    assert len(pairs) >= 2 * len(toks)  # alpaca, vicuna and zephyr end with EOS: every family
+    assert {f for f, _ in pairs} == set(toks)
+
+
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
+def test_training_evaluation_and_chat_prompts_are_one_list(family, toks):
+    tok = toks[family]
+    for name in REGISTRY:
+        template = template_for(tok, name)
+        if not _holds(tok, template):
+            continue
+        encoded = tokenize_conversation(tok, template, CONVERSATION)
+        row = encoded["input_ids"]
+        prompt = policy.prompt_ids(tok, template, CONVERSATION[:-1])
+        assert row[:len(prompt)] == prompt, (family, name)
+        bos = policy.bos_id(tok)
+        assert (prompt[:1] == [bos] and prompt[1:2] != [bos]) if bos is not None else True, (family, name)
+        from tunefix.train.evaluate import prompt_ids as evaluation_ids
+
+        assert evaluation_ids(tok, template, CONVERSATION[:-1]) == prompt  # evaluation and TorchChat
+        scored = [t for t in encoded["labels"][len(prompt):] if t != policy.IGNORE]
+        assert scored and scored[-1] in policy.stop_ids(tok, template), (family, name)  # it learns to stop
