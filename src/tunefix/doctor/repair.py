@@ -24,13 +24,14 @@ def load_for_fix(path: Path, *, trust_remote_code: bool = False, allow_pickle: b
 
         model = dequantized_gguf_model(path, torch.float32)
         return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    from tunefix.model.files import check_model_code, weights_kind
+    from tunefix.model.files import check_model_code, quiet_loading, weights_kind
 
     check_model_code(path, trust_remote_code)
     safetensors = weights_kind(path, allow_pickle) == "safetensors"
     # weights_only=True: pickle weights (opted in) may hold tensors and plain containers only.
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=safetensors,
-                                                 weights_only=True, trust_remote_code=trust_remote_code)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=safetensors,
+                                                     weights_only=True, trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tok
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefix._io import atomic_dir
+from tunefix.model.files import quiet_loading
 from tunefix.errors import TunefixError
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
     tok.chat_template = template.jinja
     _generation_config(model, tok, template)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        with quiet_loading():
+            model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         _copy_sentencepiece(Path(base), tmp)
         cfg_file = tmp / "config.json"

@@ -228,7 +228,10 @@ def load_reference(hf_dir: str | os.PathLike):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    from tunefix.model.files import quiet_loading
+
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     return model.eval()
 
 

@@ -7,7 +7,9 @@ The model layer's ground floor: the doctor (which examines these files) and ``lo
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +328,19 @@ def dequantized_gguf_model(path: Path, dtype):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bars from transformers while the block
+    runs (the user's terminal shows tunefix's lines and real warnings; a load of SmolLM2 takes
+    under a second), and the switch put back as it was afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

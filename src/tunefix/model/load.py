@@ -10,6 +10,7 @@ from tunefix.model.files import (
     SUPPORTED,
     check_model_code,
     check_model_family,
+    quiet_loading,
     read_gguf_model,
     resolve_model_path,
     unsupported_family,
@@ -111,9 +112,10 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
         quantization = _quantization_config(load_in_4bit)
         try:
             # weights_only=True: opted-in pickle weights may hold tensors and plain containers only.
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, quantization_config=quantization,
-                trust_remote_code=trust_remote_code, use_safetensors=safetensors, weights_only=True)
+            with quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path), dtype=dtype, quantization_config=quantization,
+                    trust_remote_code=trust_remote_code, use_safetensors=safetensors, weights_only=True)
             tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except Exception as e:  # truncated/corrupt weights, missing tokenizer files, refused pickles
             first = (str(e).splitlines() or [type(e).__name__])[0]
