@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tunefix._io import atomic_dir
-from tunefix.model.files import quiet_loading
 from tunefix.errors import TunefixError
+from tunefix.model.files import quiet_loading
 
 log = logging.getLogger(__name__)
 
