@@ -233,8 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    # tunefix's own lines at INFO; other libraries' only from WARNING (gguf-py, for one,
+    # logs "This GGUF file is for Little Endian only" at INFO), unless --debug.
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
+    if not args.debug:
+        logging.getLogger("tunefix").setLevel(logging.INFO)
     try:
         return handler(args)
     except TunefixError as e:

@@ -20,6 +20,8 @@ its ``gguf_new_metadata`` script) into a temporary file that replaces the origin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -220,7 +222,10 @@ def patch_metadata(gguf_file: str | os.PathLike, changes: dict[str, object]) -> 
         alignment = reader.get_field(Keys.General.ALIGNMENT)
         if alignment is not None:
             writer.data_alignment = alignment.contents()
-        copy_with_new_metadata(reader, writer, new, remove)
+        # gguf-py draws a progress bar on stderr, unconditionally, for a copy that takes a
+        # second: kept out of tunefix's output for the call only.
+        with contextlib.redirect_stderr(io.StringIO()):
+            copy_with_new_metadata(reader, writer, new, remove)
     del reader  # its memory map of the replaced file
 
 
