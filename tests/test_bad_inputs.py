@@ -362,7 +362,7 @@ CASES: list[Case] = [
          lambda d, t: ["export", str(model_dir(d, t, config=MYSTERY, tokenizer=True)), "--out", str(d / "out"),
                        "--gguf", "f16"], "model family 'mystery'"),
     Case("export-out-under-a-file", lambda d, t: ["export", str(t), "--out", str(write(d, "f.txt", "x") / "out")],
-         "which is a file"),
+         "is a file, not a directory"),
     Case("verify-missing-dir", lambda d, t: ["verify", str(d / "nope")], "not a tunefix export"),
     Case("verify-not-an-export", lambda d, t: ["verify", str(write(d, "e/x", "").parent)], "not a tunefix export"),
     # ------------------------------------------------------------------ the command line itself

@@ -4,6 +4,7 @@ tunefix removed by the next write to the same place, with the size freed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -53,50 +54,65 @@ def test_makefile_builds_llama_cpp_with_the_module_flags_and_no_wheel_cache(tmp_
 # -------------------------------------------------------------- a crash in the child
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how, cause, words", [("signal", "SIGILL", "make llama"),
-                                               ("oom", "SIGKILL", "out-of-memory")])
-def test_llama_cpp_crash_during_verification_keeps_the_export(how, cause, words, runs, tmp_path, monkeypatch,  # noqa: F811
-                                                              capsys):
-    """The q8_0 file's llama.cpp dies (on purpose): the export is published with every file, the
-    manifest says which file is not verified and why, the command says so in one line, exit 1."""
+@pytest.fixture(scope="module")
+def crashed(runs, tmp_path_factory):  # noqa: F811
+    """One export whose q8_0 file's llama.cpp dies of SIGILL and q4_0 file's of SIGKILL (on
+    purpose), the f16 file's not."""
+    import _pytest.monkeypatch
+
     r = runs("llama")
-    out = tmp_path / "out"
-    monkeypatch.setenv("TUNEFIX_TEST_LLAMA_CRASH", f"{how}:q8_0")
-    code = main(["export", str(r["run"]), "--out", str(out), "--gguf", "f16,q8_0", "--ollama"])
-    err = capsys.readouterr().err
-    assert code == 1
-    (line,) = _error_lines(err)
-    assert line.startswith("tunefix: error: not verified: ") and cause in line and words in line, line
-    assert "run-q8_0.gguf" in line
+    root = tmp_path_factory.mktemp("crashed")
+    out = root / "out"
+    with _pytest.monkeypatch.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEFIX_TEST_LLAMA_CRASH", "signal:q8_0,oom:q4_0")
+        err_file = root / "stderr.txt"
+        with open(err_file, "w") as err, contextlib.redirect_stderr(err):
+            code = main(["export", str(r["run"]), "--out", str(out), "--gguf", "f16,q8_0,q4_0", "--ollama"])
+    return {"root": root, "out": out, "code": code, "err": err_file.read_text()}
+
+
+@pytest.mark.slow
+def test_llama_cpp_crash_during_verification_keeps_the_export(crashed):
+    """A signal (SIGILL, as AMX on a CPU that refuses it) and an out-of-memory kill (SIGKILL):
+    the export is published with every file, the manifest says which files are not verified
+    and why, the command says so in one line, exit 1."""
+    out = crashed["out"]
+    assert crashed["code"] == 1
+    (line,) = _error_lines(crashed["err"])
+    assert line.startswith("tunefix: error: not verified: ") and "run-q8_0.gguf" in line, line
+    assert "SIGILL" in line and "make llama" in line and "--no-cache-dir" in line, line
     names = {p.name for p in out.iterdir()}
-    assert {"run-f16.gguf", "run-q8_0.gguf", "Modelfile", "export.json", "README.md", "merged"} <= names
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
+    assert {"run-f16.gguf", "run-q8_0.gguf", "run-q4_0.gguf", "Modelfile", "export.json", "README.md",
+            "merged"} <= names
+    assert not [p.name for p in crashed["root"].iterdir() if p.name.startswith(".")], "staging left behind"
     v = json.loads((out / "export.json").read_text())["verification"]
-    assert v["ok"] is False and v["not_verified"] == ["run-q8_0.gguf"]
+    assert v["ok"] is False and v["not_verified"] == ["run-q8_0.gguf", "run-q4_0.gguf"]
     assert v["files"]["run-f16.gguf"]["ok"], v["files"]["run-f16.gguf"]  # the other file was verified
-    check = v["files"]["run-q8_0.gguf"]["checks"]["llama.cpp"]
-    assert check["summary"] == f"not verified: llama.cpp {cause}" and check["error"] in line
-    # The demo's llama.cpp answers: the crashing file is reported, the other one still answers.
+    sigill = v["files"]["run-q8_0.gguf"]["checks"]["llama.cpp"]
+    assert sigill["summary"] == "not verified: llama.cpp SIGILL" and sigill["error"] in line
+    oom = v["files"]["run-q4_0.gguf"]["checks"]["llama.cpp"]
+    assert oom["summary"] == "not verified: llama.cpp SIGKILL" and "out-of-memory killer" in oom["error"]
+    assert "\n" not in oom["error"]
+
+
+@pytest.mark.slow
+def test_the_demos_llama_answers_go_on_past_a_crashing_file(crashed, monkeypatch):
     from rich.console import Console
 
     from tunefix.demo import llama_accuracies
 
-    acc: dict[str, float] = {}
+    monkeypatch.setenv("TUNEFIX_TEST_LLAMA_CRASH", "signal:q8_0")
+    out, acc = crashed["out"], {}
     convs = [[{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]]
-    failures = llama_accuracies(Console(file=open(os.devnull, "w")), [out / "run-f16.gguf", out / "run-q8_0.gguf"],
-                                convs, acc)
-    assert list(acc) == ["llama.cpp run-f16.gguf"] and len(failures) == 1 and cause in failures[0]
+    with open(os.devnull, "w") as sink:
+        failures = llama_accuracies(Console(file=sink), [out / "run-f16.gguf", out / "run-q8_0.gguf"], convs, acc)
+    assert list(acc) == ["llama.cpp run-f16.gguf"] and len(failures) == 1 and "SIGILL" in failures[0]
 
 
 @pytest.mark.slow
-def test_chat_with_a_crashing_gguf_is_one_line(runs, tmp_path, monkeypatch, capsys):  # noqa: F811
-    r = runs("llama")
-    out = tmp_path / "out"
-    assert main(["export", str(r["run"]), "--out", str(out), "--gguf", "f16", "--no-verify"]) == 0
+def test_chat_with_a_crashing_gguf_is_one_line(crashed, monkeypatch, capsys):
     monkeypatch.setenv("TUNEFIX_TEST_LLAMA_CRASH", "signal:f16")
-    capsys.readouterr()
-    code = main(["chat", str(out / "run-f16.gguf"), "--prompt", "Hi"])
+    code = main(["chat", str(crashed["out"] / "run-f16.gguf"), "--prompt", "Hi"])
     (line,) = _error_lines(capsys.readouterr().err)
     assert code == 2 and "SIGILL" in line and "run-f16.gguf" in line, line
 

@@ -5,7 +5,7 @@ pickles; each gets ``("ok", value)`` or ``("error", text)``. The child ends when
 parent closes its end. Nothing here is imported by the parent: a llama.cpp crash (an
 instruction the CPU refuses, an out-of-memory kill) ends this process only.
 
-``TUNEFIX_TEST_LLAMA_CRASH=HOW[:TEXT]`` (tests only) makes the child die when it opens
+``TUNEFIX_TEST_LLAMA_CRASH=HOW[:TEXT][,...]`` (tests only) makes the child die when it opens
 a model whose path contains TEXT: ``signal`` with SIGILL (what an AMX kernel does on a
 machine that refuses AMX), ``oom`` with SIGKILL (what the out-of-memory killer sends).
 """
@@ -40,13 +40,14 @@ class _State:
 
 
 def _crash_on_purpose(path: str) -> None:
-    how, _, text = os.environ.get(CRASH_SWITCH, "").partition(":")
-    if not how or text not in path:
-        return
-    if how == "oom":
-        ballast = bytearray(64 << 20)  # noqa: F841 - some memory in use, as when the killer comes
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGILL)
+    for entry in filter(None, os.environ.get(CRASH_SWITCH, "").split(",")):
+        how, _, text = entry.partition(":")
+        if text not in path:
+            continue
+        if how == "oom":
+            ballast = bytearray(64 << 20)  # noqa: F841 - some memory in use, as when the killer comes
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGILL)
 
 
 def op_open(s: _State, path: str, kwargs: dict) -> dict:
