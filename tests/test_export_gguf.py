@@ -64,7 +64,13 @@ def test_smollm2_metadata_matches_tokenizer(smol):
         assert gguf_meta.metadata_mismatches(f, smol["hf"], smol["tok"]) == {}
     meta = gguf_meta.read_metadata(smol["files"][0])
     assert meta.chat_template == smol["tok"].chat_template
-    assert (meta.add_bos, meta.eos_id, meta.eot_id, meta.pad_id) == (False, 2, 2, 2)
+    # SmolLM2's end of turn (<|im_end|>) is its EOS: the file names it once, as the converter
+    # wrote it, with no metadata patch (a patch copies the whole file).
+    assert (meta.add_bos, meta.eos_id, meta.eot_id, meta.pad_id) == (False, 2, None, 2)
+    assert not [e for e in smol["events"] if e[0] == "patch"]
+    from tunefix.templates import policy, template_for
+
+    assert gguf_meta.stop_set(meta) == set(policy.stop_ids(smol["tok"], template_for(smol["tok"]))) == {2}
 
 
 @pytest.mark.slow
@@ -150,9 +156,14 @@ def test_tiny_metadata_fixes(tiny_exports):
     assert phi3.eot_id == tiny_exports("phi3")["tok"].convert_tokens_to_ids("<|end|>")
     qwen2 = gguf_meta.read_metadata(tiny_exports("qwen2")["file"])
     assert qwen2.add_bos is False and qwen2.eot_id == 151645
+    from tunefix.templates import policy
+
     for family in ("llama", "qwen2", "phi3", "gemma"):
         e = tiny_exports(family)
         assert gguf_meta.metadata_mismatches(e["file"], e["hf"], e["tok"]) == {}
+        # The file's stop set is the token policy's (what training scores last, chat stops on).
+        template = gguf_meta.template_of(e["tok"])
+        assert gguf_meta.stop_set(gguf_meta.read_metadata(e["file"])) == set(policy.stop_ids(e["tok"], template))
 
 
 @pytest.mark.slow

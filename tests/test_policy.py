@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tunefix import tiny
+from tunefix.errors import TunefixError
 from tunefix.data import tokenize_conversation
 from tunefix.templates import REGISTRY, end_of_turn, policy, template_for
 
@@ -52,3 +53,45 @@ def test_training_evaluation_and_chat_prompts_are_one_list(family, toks):
         assert evaluation_ids(tok, template, CONVERSATION[:-1]) == prompt  # evaluation and TorchChat
         scored = [t for t in encoded["labels"][len(prompt):] if t != policy.IGNORE]
         assert scored and scored[-1] in policy.stop_ids(tok, template), (family, name)  # it learns to stop
+
+
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
+def test_verification_ids_and_gguf_stops_follow_the_policy(family, toks):
+    """Verification renders and tokenises like training (from the template the exported model
+    directory carries), and the GGUF metadata names exactly the ids training learns to stop on."""
+    from tunefix.export import gguf_meta, verify
+
+    tok = toks[family]
+    saved = tok.chat_template
+    checked = 0
+    try:
+        for name in REGISTRY:
+            template = template_for(tok, name)
+            if not _holds(tok, template):
+                continue
+            tok.chat_template = template.jinja  # as merge writes it into the exported directory
+            for conv, ids in zip(verify.CONVERSATIONS, verify.prompt_ids(tok), strict=True):
+                try:
+                    expected = policy.prompt_ids(tok, template, conv)
+                except TunefixError:  # a template without a system turn: verification drops it
+                    expected = policy.prompt_ids(tok, template, conv[1:])
+                assert ids == expected, (family, name, conv)
+            want = gguf_meta.expected_metadata(None, tok)
+            named = {want.get("tokenizer.ggml.eos_token_id"), want["tokenizer.ggml.eot_token_id"]} - {None}
+            assert named == set(policy.stop_ids(tok, template)), (family, name)
+            assert verify.stop_ids(tok) == set(policy.stop_ids(tok, template)), (family, name)
+            checked += 1
+    finally:
+        tok.chat_template = saved
+    assert checked >= 2, family
+
+
+def test_the_doctor_renders_in_the_strict_sandbox():
+    """A template reaching for Python internals is refused on the doctor's path too (transformers'
+    own sandbox would render it as nothing)."""
+    from tunefix.doctor.probe import render
+
+    tok = AutoTokenizer.from_pretrained(str(tiny.tiny_model("llama")))
+    hostile = "{{ ''.__class__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(TunefixError, match="sandbox"):
+        render(hostile, tok, [{"role": "user", "content": "hi"}], add_generation_prompt=False)

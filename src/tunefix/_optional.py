@@ -12,13 +12,6 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def has_cuda() -> bool:
-    """True when torch sees a CUDA device. Imports torch, so call it only when needed."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def has_bitsandbytes() -> bool:
     return has_module("bitsandbytes")
 

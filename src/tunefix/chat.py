@@ -75,14 +75,16 @@ class LlamaChat:
         return "" if token < 0 else self.llm.call("detokenize", [token], True)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The token policy's prompt with llama.cpp's tokenizer: the strict sandbox, no special
+        tokens added by the tokenizer, one BOS where the GGUF adds one."""
+        from tunefix.templates.policy import IGNORE, one_bos
         from tunefix.templates.render import render_jinja
 
         text = render_jinja(self.jinja, messages, add_generation_prompt=True, bos_token=self.bos_text,
                             eos_token=self.eos_text)
         ids = self.llm.tokenize(text, add_bos=False)
-        if self.add_bos and self.bos >= 0 and ids[:1] != [self.bos]:
-            ids = [self.bos] + ids  # one BOS, as in training
-        return ids
+        bos = self.bos if self.add_bos and self.bos >= 0 else None
+        return one_bos(ids, [IGNORE] * len(ids), bos)[0]
 
     def answer(self, messages: list[dict], max_new_tokens: int = 256) -> tuple[str, bool]:
         """Greedy, as the PyTorch side: the stop token ends the answer and is not part of it."""

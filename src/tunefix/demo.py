@@ -15,35 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TITANIC_MERGE = ("Passenger: {sex}, {age} years old[[, deck {deck}]], travelling {class} class from "
-                 "{embark_town}, with {sibsp} siblings or spouses and {parch} parents or children aboard, "
-                 "ticket fare {fare}. Did this passenger survive the Titanic? Answer yes or no.")
+# The Titanic CSV and its run config ship inside the package (examples/ at the top of a
+# checkout links to them), so an installed tunefix runs the demo from any directory.
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+TITANIC_CONFIG = EXAMPLES / "titanic.yaml"
 MAJORITY = 0.616  # 549 of 891 passengers died: always answering "no" scores 61.6%
-
-
-@dataclass
-class DemoResult:
-    run_dir: Path
-    export_dir: Path | None
-    accuracy: dict[str, float] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def default_data() -> Path:
-    for candidate in (EXAMPLES / "titanic.csv", Path.cwd() / "examples" / "titanic.csv"):
-        if candidate.exists():
-            return candidate
-    from tunefix.errors import TunefixError
-
-    raise TunefixError("the built-in Titanic CSV (examples/titanic.csv) is missing", "Pass --data FILE")
 
 
 def free_dir(base: Path) -> Path:
@@ -59,23 +40,23 @@ def free_dir(base: Path) -> Path:
 def demo_config(*, model: str | None = None, data: str | None = None, merge: str | None = None,
                 answer: str | None = None, output: str = "runs/demo", steps: int = 120,
                 rows: int | None = None, template: str | None = None):
-    """The demo's RunConfig: the Titanic CSV (or ``data``) on SmolLM2 (or ``model``).
+    """The demo's RunConfig: examples/titanic.yaml (what ``tunefix train`` runs), on SmolLM2
+    (or ``model``), with the Titanic CSV (or ``data`` with its own ``merge`` and ``answer``).
 
     ``output`` gets a free name (``runs/demo-2``...); ``template`` None uses the model's own.
-    The examples/titanic.yaml settings, so the demo and ``tunefix train`` agree.
+    No checkpoints mid-run: the demo is short, and each one costs a save.
     """
     from tunefix import assets
-    from tunefix.train.config import RunConfig
+    from tunefix.train.config import load_config
 
-    titanic = data is None
-    return RunConfig(
-        model=model or str(assets.smollm2()), data=data or str(default_data()),
-        merge=merge or (TITANIC_MERGE if titanic else None),
-        output=answer or ("{alive}" if titanic else None), template=template,
-        output_dir=str(free_dir(Path(output))), eval_fraction=0.2, max_steps=steps,
-        batch_size=2, gradient_accumulation=4, learning_rate=3e-4, max_seq_length=256, save_steps=1000,
-        gradient_checkpointing="off", limit_rows=rows, seed=3407,
-    )
+    cfg = load_config(str(TITANIC_CONFIG))
+    if data is not None:  # the user's table: the Titanic columns mean nothing there
+        cfg.data, cfg.merge, cfg.output = data, merge, answer
+    cfg.merge, cfg.output = merge or cfg.merge, answer or cfg.output
+    cfg.model, cfg.template = model or str(assets.smollm2()), template
+    cfg.output_dir, cfg.max_steps, cfg.limit_rows = str(free_dir(Path(output))), steps, rows
+    cfg.save_steps = 1000
+    return cfg
 
 
 def check_model(model: str) -> None:

@@ -34,36 +34,45 @@ class Family:
     tanh_gelu: bool = False       # trained with the tanh-approximate GELU (Gemma)
     window_fix: tuple[int, int] | None = None  # (a wrong sliding window seen in configs, the right one)
     layers_27b: int | None = None  # llama.cpp tells the 27B model (its own attention scale) by this
+    # Texts that end a turn or the text in the family's models and templates: the doctor never
+    # makes one of them the pad token (a pad is masked from the loss: the model would never stop).
+    stop_texts: tuple[str, ...] = ()
 
 
 # Gemma 2/3 scale attention by query_pre_attn_scalar ** -0.5. Real checkpoints set it to
 # head_dim (the 27B models aside), which is what llama.cpp uses; transformers' default 256
 # would make the tiny models disagree with their own exports (export/gguf_arch.py).
 _GEMMA_TINY = {"head_dim": 64, "hidden_activation": "gelu_pytorch_tanh"}
+_GEMMA_STOPS = ("<end_of_turn>", "<eos>")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", ("llama",), "llama",  # Llama 2/3, SmolLM2
-           Tiny("llama-bpe", tied=False, config_class="LlamaConfig", config={"rope_theta": 500000.0})),
+           Tiny("llama-bpe", tied=False, config_class="LlamaConfig", config={"rope_theta": 500000.0}),
+           stop_texts=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>")),
     Family("mistral", ("mistral",), "llama",
-           Tiny("llama-spm", tied=False, config_class="MistralConfig", config={"sliding_window": None})),
-    Family("qwen2", ("qwen2",), "qwen2", Tiny("qwen2", tied=True, config_class="Qwen2Config")),
+           Tiny("llama-spm", tied=False, config_class="MistralConfig", config={"sliding_window": None}),
+           stop_texts=("</s>",)),
+    Family("qwen2", ("qwen2",), "qwen2", Tiny("qwen2", tied=True, config_class="Qwen2Config"),
+           stop_texts=("<|im_end|>", "<|endoftext|>")),
     Family("phi3", ("phi3",), "phi3",
            Tiny("phi-3", tied=False, config_class="Phi3Config", config={"sliding_window": 2048}),
-           fused=PHI3_FUSED, window_fix=(2047, 2048)),
+           fused=PHI3_FUSED, window_fix=(2047, 2048), stop_texts=("<|end|>", "<|endoftext|>")),
     Family("gemma", ("gemma",), "gemma",
-           Tiny("llama-spm", tied=True, config_class="GemmaConfig", config=_GEMMA_TINY), tanh_gelu=True),
+           Tiny("llama-spm", tied=True, config_class="GemmaConfig", config=_GEMMA_TINY), tanh_gelu=True,
+           stop_texts=_GEMMA_STOPS),
     Family("gemma2", ("gemma2",), "gemma2",
            Tiny("llama-spm", tied=True, config_class="Gemma2Config", config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}),
-           tanh_gelu=True, layers_27b=46),
+           tanh_gelu=True, layers_27b=46, stop_texts=_GEMMA_STOPS),
     Family("gemma3", ("gemma3", "gemma3_text"), "gemma3",
            Tiny("llama-spm", tied=True, config_class="Gemma3TextConfig",
                 config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}),
-           tanh_gelu=True, layers_27b=62),
+           tanh_gelu=True, layers_27b=62, stop_texts=_GEMMA_STOPS),
 )}
 
 SUPPORTED: tuple[str, ...] = tuple(t for f in FAMILIES.values() for t in f.model_types)
 GGUF_ARCHES: tuple[str, ...] = tuple(dict.fromkeys(f.gguf_arch for f in FAMILIES.values()))
 FUSED: dict[str, tuple[str, ...]] = {k: v for f in FAMILIES.values() for k, v in f.fused.items()}
+STOP_TEXTS: frozenset[str] = frozenset(t for f in FAMILIES.values() for t in f.stop_texts)
 
 
 def family_of(model_type: str | None) -> Family | None:

@@ -9,12 +9,10 @@ from typing import Any
 from tunefix.doctor.probe import Probe, untrained_rows
 from tunefix.doctor.report import Finding, Report
 from tunefix.doctor.subject import _ModuleRows, from_model
+from tunefix.families import STOP_TEXTS  # a runtime may end text on these: never a pad
 
 PAD_LIKE = re.compile(r"pad", re.I)
 RESERVED_LIKE = re.compile(r"reserved|placeholder|unused", re.I)
-# Tokens a runtime may treat as an end of text: never a pad.
-EOS_LIKE = {"<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|end|>", "<|eot_id|>", "<|im_end|>",
-            "<end_of_turn>", "<|eom_id|>"}
 
 
 def trained_mean(weight, untrained: list[int]):
@@ -55,7 +53,7 @@ def choose_pad(tokenizer, used: set[int], stop_ids: list[int]) -> int | None:
     avoid = set(used) | set(stop_ids)
     avoid |= {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) if i is not None}
     candidates = [(i, t.content) for i, t in sorted(tokenizer.added_tokens_decoder.items())
-                  if i not in avoid and t.content not in EOS_LIKE and i < len(tokenizer)]
+                  if i not in avoid and t.content not in STOP_TEXTS and i < len(tokenizer)]
     for tier in (lambda c: PAD_LIKE.search(c), lambda c: RESERVED_LIKE.search(c), lambda c: True):
         for i, content in candidates:
             if tier(content):

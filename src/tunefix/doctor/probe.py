@@ -36,9 +36,11 @@ UNTRAINED_REL = 0.01
 
 
 def render(template: str, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """Render with Hugging Face's chat-template machinery (a sandboxed Jinja environment)."""
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    """Render as training and serving do: the token policy's strict sandbox, never
+    transformers' ``apply_chat_template`` (the template is untrusted code)."""
+    from tunefix.templates.policy import render as render_policy
+
+    return render_policy(tokenizer, template, messages, add_generation_prompt=add_generation_prompt)
 
 
 @dataclass
@@ -101,19 +103,15 @@ class Probe:
 
     @functools.cached_property
     def end_of_turn(self) -> tuple[int, str] | None:
-        """The special token that closes an assistant turn in the rendered template."""
-        r, tok = self.rendered, self.s.tokenizer
-        if r is None or ANSWER not in r.text:
+        """The token that closes an assistant turn in the template (the token policy's rule)."""
+        from tunefix.templates.policy import end_of_turn_text, token_id
+
+        tok = self.s.tokenizer
+        if self.rendered is None:
             return None
-        rest = r.text.split(ANSWER, 1)[1]
-        ids = tok(rest, add_special_tokens=False)["input_ids"]
-        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-        for i in ids[:4]:  # the closing token may follow a space or newline
-            if i in special:
-                return i, tok.convert_ids_to_tokens(i)
-            if tok.decode([i]).strip():
-                return None
-        return None
+        text = end_of_turn_text(tok, self.s.template)
+        i = token_id(tok, text)
+        return (i, text) if i is not None else None
 
     @functools.cached_property
     def template_ids(self) -> set[int]:
@@ -273,9 +271,3 @@ def special_names_among(tokenizer, ids: set[int], limit: int = 12) -> list[str]:
     # Named ones first (<|eot_id|>) before the long tail of reserved tokens.
     names.sort(key=lambda n: ("reserved" in n, n))
     return names[:limit]
-
-
-def as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else list(value)

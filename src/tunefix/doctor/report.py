@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -85,6 +84,3 @@ class Report:
             d.pop("fixer")
             rows.append(d)
         return {"model": self.model, "findings": rows, "summary": self.summary()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)

@@ -12,7 +12,9 @@ per architecture. Measured with the pinned converter:
 - Phi-3: llama.cpp's whitespace handling after special tokens depends on general.name
   (see ``gguf_arch.phi3_name``), so the name may be adjusted too.
 - No family gets an explicit end-of-turn id for chatml/Phi-3 templates; llama.cpp then
-  guesses it from token texts. We write the id the template actually ends turns with.
+  guesses it from token texts. We write the id the template actually ends turns with
+  (``policy.end_of_turn_id``), so the file's EOS and end-of-turn ids are the stop ids of
+  training, evaluation and chat (``policy.stop_ids``).
 
 Patching copies the file with gguf-py's ``copy_with_new_metadata`` (the function behind
 its ``gguf_new_metadata`` script) into a temporary file that replaces the original.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 _TOK = "tokenizer.ggml."
 CHAT_TEMPLATE = "tokenizer.chat_template"
-# Texts that end a turn in the chat templates of the supported families.
-END_OF_TURN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
 
 
 @dataclass(frozen=True)
@@ -112,41 +111,33 @@ def adds_space_prefix(tok) -> bool:
     return bool(pieces) and pieces[0].startswith("▁")
 
 
-def _generation_eos_ids(hf_dir: Path) -> list[int]:
-    gen = hf_dir / "generation_config.json"
-    if not gen.is_file():
-        return []
-    eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos or [])
+def template_of(tok):
+    """The chat template a model directory carries, as tunefix trains and serves it (None: none,
+    or one that ends turns with no token)."""
+    from tunefix.errors import TunefixError
+    from tunefix.templates import template_for
+
+    if not isinstance(tok.chat_template, str) or not tok.chat_template:
+        return None
+    try:
+        return template_for(tok)
+    except TunefixError:
+        return None
 
 
-def end_of_turn_id(tok, hf_dir: Path) -> int | None:
-    """The special token that ends a turn in the chat template, if the model has one.
-
-    First an end-of-turn text that the template writes and the tokenizer holds as a
-    special token; else a generation-config stop id other than EOS (Llama 3's eot_id).
-    """
-    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
-    special = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.special}
-    for text in END_OF_TURN_TEXTS:
-        if text in template and text in special:
-            return special[text]
-    others = [i for i in _generation_eos_ids(hf_dir) if i != tok.eos_token_id]
-    return others[0] if others else None
-
-
-def expected_metadata(hf_dir: str | os.PathLike, tok=None) -> dict[str, object]:
+def expected_metadata(hf_dir: str | os.PathLike, tok=None, template=None) -> dict[str, object]:
     """The tokenizer keys the GGUF of ``hf_dir`` must carry, measured on its tokenizer.
 
-    ``tokenizer.ggml.eot_token_id`` maps to None when the model has no end-of-turn
-    token: then the GGUF must not name one either.
+    ``template``: the run's ``ChatTemplate`` (default: the one the directory's tokenizer
+    carries). ``tokenizer.ggml.eot_token_id`` maps to None when the template ends turns with
+    EOS (or there is none): then the GGUF must not name one either.
     """
-    hf_dir = Path(hf_dir)
     tok = tok or load_tokenizer(hf_dir)
+    template = template or template_of(tok)
     want: dict[str, object] = {
         _TOK + "add_bos_token": adds_bos(tok),
         _TOK + "add_eos_token": adds_eos(tok),
-        _TOK + "eot_token_id": end_of_turn_id(tok, hf_dir),
+        _TOK + "eot_token_id": policy.end_of_turn_id(tok, template),
     }
     for key, value in ((_TOK + "bos_token_id", tok.bos_token_id), (_TOK + "eos_token_id", tok.eos_token_id),
                        (_TOK + "padding_token_id", tok.pad_token_id)):
@@ -155,6 +146,11 @@ def expected_metadata(hf_dir: str | os.PathLike, tok=None) -> dict[str, object]:
     if isinstance(tok.chat_template, str):
         want[CHAT_TEMPLATE] = tok.chat_template
     return want
+
+
+def stop_set(meta: GgufMeta) -> set[int]:
+    """The stop ids a GGUF's metadata names: EOS and the end-of-turn token."""
+    return {i for i in (meta.eos_id, meta.eot_id) if i is not None}
 
 
 def _spm_expectation(meta: GgufMeta, tok) -> dict[str, object]:
@@ -176,13 +172,13 @@ def _current(meta: GgufMeta) -> dict[str, object]:
 
 
 def metadata_mismatches(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike,
-                        tok=None) -> dict[str, tuple[object, object]]:
+                        tok=None, template=None) -> dict[str, tuple[object, object]]:
     """``{key: (in the file, expected)}`` for every tokenizer key that is wrong."""
     from tunefix.export.gguf_arch import phi3_name
 
     tok = tok or load_tokenizer(hf_dir)
     meta = read_metadata(gguf_file)
-    want = expected_metadata(hf_dir, tok) | _spm_expectation(meta, tok)
+    want = expected_metadata(hf_dir, tok, template) | _spm_expectation(meta, tok)
     have = _current(meta)
     renamed = phi3_name(meta.arch, meta.name or "", tok)
     if renamed:
@@ -233,9 +229,9 @@ def _shown(value: object) -> str:
     return f"{len(value)} chars" if isinstance(value, str) and len(value) > 40 else repr(value)
 
 
-def fix_metadata(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike) -> dict[str, tuple]:
+def fix_metadata(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, template=None) -> dict[str, tuple]:
     """Patch every wrong tokenizer key of ``gguf_file``; return what changed (old, new)."""
-    wrong = metadata_mismatches(gguf_file, hf_dir)
+    wrong = metadata_mismatches(gguf_file, hf_dir, template=template)
     if wrong:
         for key, (old, new) in sorted(wrong.items()):
             log.info("GGUF metadata %s: %s -> %s", key, _shown(old), _shown(new))

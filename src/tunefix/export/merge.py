@@ -54,25 +54,13 @@ def base_is_prequantized(base: str | os.PathLike) -> bool:
     return isinstance(q, dict) and q.get("quant_method") not in (None, "gguf")
 
 
-def stop_token_ids(tok, template) -> list[int]:
-    """EOS and the template's end-of-turn (and stop) tokens that are single vocabulary tokens."""
-    from tunefix.templates import stop_tokens
-
-    ids: list[int] = []
-    for text in [tok.eos_token, template.eot, *stop_tokens(template, tok)]:
-        if not text:
-            continue
-        i = tok.convert_tokens_to_ids(text)
-        if isinstance(i, int) and i != tok.unk_token_id and i not in ids:
-            ids.append(i)
-    return ids
-
-
 def _generation_config(model, tok, template) -> Any:
     gen = model.generation_config
     old = gen.eos_token_id
     old = old if isinstance(old, list) else [old] if old is not None else []
-    ids = stop_token_ids(tok, template)
+    from tunefix.templates.policy import stop_ids
+
+    ids = stop_ids(tok, template)
     gen.eos_token_id = list(dict.fromkeys([*ids, *old]))
     if tok.pad_token_id is not None:
         gen.pad_token_id = tok.pad_token_id

@@ -72,23 +72,39 @@ def load_tokenizer(hf_dir: str | os.PathLike):
     return load(hf_dir)
 
 
-def _chatml(messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-    # For tokenizers without a chat template: a chatml-like string, which exercises
-    # special-looking text whether or not the vocabulary has these tokens.
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+def chat_template(tok):
+    """The template verification renders with: the one the model directory carries, as tunefix
+    trains and serves it; bare Jinja when tunefix cannot use it (a model's own that ends turns
+    with no token); ChatML for a tokenizer without one (special-looking text, whether or not
+    the vocabulary has these tokens)."""
+    from tunefix.export.gguf_meta import template_of
+    from tunefix.templates import REGISTRY
+
+    if not isinstance(tok.chat_template, str) or not tok.chat_template:
+        return REGISTRY["chatml"]
+    return template_of(tok) or tok.chat_template
 
 
-def render(tok, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    if not tok.chat_template:
-        return _chatml(messages, add_generation_prompt)
+def _renderable(tok, template, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages``, or without the system message when the template refuses one."""
+    from tunefix.templates import policy
+
     try:
-        return tok.apply_chat_template(list(messages), tokenize=False,
-                                       add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # noqa: BLE001 - templates raise anything; retry without system
+        policy.render(tok, template, messages)
+        return list(messages)
+    except TunefixError as e:
         if messages and messages[0]["role"] == "system":
-            return render(tok, messages[1:], add_generation_prompt)
+            return _renderable(tok, template, messages[1:])
         raise TunefixError(f"the chat template failed to render a conversation: {e}") from e
+
+
+def render(tok, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, template=None) -> str:
+    """A conversation as the policy renders it (the strict sandbox; never apply_chat_template)."""
+    from tunefix.templates import policy
+
+    template = template or chat_template(tok)
+    return policy.render(tok, template, _renderable(tok, template, messages),
+                         add_generation_prompt=add_generation_prompt)
 
 
 def starts_with_bos(tok, text: str) -> bool:
@@ -107,7 +123,8 @@ def llama_ids(llm: LlamaProcess, tok, texts: Sequence[str]) -> list[list[int]]:
 
 def parity_texts(tok) -> list[tuple[str, str]]:
     """(label, text): rendered conversations, tricky strings and special-token strings."""
-    texts = [(f"conversation {i}", render(tok, c, add_generation_prompt=i % 2 == 0))
+    template = chat_template(tok)
+    texts = [(f"conversation {i}", render(tok, c, add_generation_prompt=i % 2 == 0, template=template))
              for i, c in enumerate(CONVERSATIONS)]
     texts += [(f"string {s!r}", s) for s in TRICKY]
     specials = [t for t in dict.fromkeys([tok.bos_token, tok.eos_token, *tok.all_special_tokens]) if t]
@@ -115,9 +132,13 @@ def parity_texts(tok) -> list[tuple[str, str]]:
     return texts
 
 
-def prompt_ids(tok) -> list[list[int]]:
-    """Rendered conversations ending in a generation prompt, as Hugging Face token ids."""
-    return [hf_ids(tok, render(tok, c, add_generation_prompt=True)) for c in CONVERSATIONS]
+def prompt_ids(tok, template=None) -> list[list[int]]:
+    """The conversations' inference prompts, exactly as training, evaluation and chat
+    tokenise them (``policy.prompt_ids``: one BOS, no special tokens added)."""
+    from tunefix.templates import policy
+
+    template = template or chat_template(tok)
+    return [policy.prompt_ids(tok, template, _renderable(tok, template, c)) for c in CONVERSATIONS]
 
 
 # ------------------------------------------------------------------- tokenisation
@@ -323,12 +344,16 @@ class StopParity:
                                "Check the GGUF's eos/eot ids and the generation config")
 
 
-def stop_ids(tok, hf_dir: str | os.PathLike) -> set[int]:
-    """The ids PyTorch generation stops on: EOS, the generation config's, end of turn."""
-    from tunefix.export.gguf_meta import _generation_eos_ids, end_of_turn_id
+def stop_ids(tok, template=None) -> set[int]:
+    """The ids an answer ends on (``policy.stop_ids``): the template's end of turn and EOS."""
+    from tunefix.templates import policy
 
-    ids = {tok.eos_token_id, end_of_turn_id(tok, Path(hf_dir)), *_generation_eos_ids(Path(hf_dir))}
-    return {i for i in ids if i is not None}
+    from tunefix.export.gguf_meta import template_of
+
+    # The model's own template as tunefix serves it; None (EOS only) without one, or for one
+    # that ends turns with no token: what the GGUF metadata names too.
+    template = template if template is not None and not isinstance(template, str) else template_of(tok)
+    return set(policy.stop_ids(tok, template))
 
 
 def torch_greedy(model, ids: Sequence[int], stops: set[int], max_new_tokens: int) -> list[int]:
@@ -353,7 +378,7 @@ def stop_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike, *, mode
     tok = tok or load_tokenizer(hf_dir)
     model = model if model is not None else load_reference(hf_dir)
     prompts = [list(p) for p in (prompts or prompt_ids(tok)[:2])]
-    stops = stop_ids(tok, hf_dir)
+    stops = stop_ids(tok)
     runs = []
     with open_llama(gguf_file, n_ctx=max(map(len, prompts)) + max_new_tokens + 8, threads=threads) as llm:
         eog = llm.eog

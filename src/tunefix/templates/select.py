@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tunefix.errors import TunefixError
+from tunefix.templates import policy
 from tunefix.templates.custom import from_example
 from tunefix.templates.probes import PROBES, wants_generation_prompt
-from tunefix.templates.record import EOS, ChatTemplate
+from tunefix.templates.record import ChatTemplate
 from tunefix.templates.registry import REGISTRY
-from tunefix.templates.render import Message, compile_jinja
+from tunefix.templates.render import compile_jinja
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +47,20 @@ def get_template(name_or_file: str) -> ChatTemplate:
     return ChatTemplate(path.stem, text, None, "", (), None, "bos_token" in text, f"Jinja from {path}")
 
 
-def _specials(tokenizer: Any) -> dict[str, str]:
-    return {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-
-
-def render_for(tokenizer: Any, template: ChatTemplate, messages: Sequence[Message], *,
-               add_generation_prompt: bool = False) -> str:
-    """The text the model sees: ``template`` rendered with ``tokenizer``'s special tokens."""
-    specials = _specials(tokenizer)
-    specials.setdefault("bos_token", "")
-    specials.setdefault("eos_token", "")
-    return template.render(messages, add_generation_prompt=add_generation_prompt, **specials)
+# One renderer for every path (the strict sandbox, the tokenizer's special tokens): the policy's.
+render_for = policy.render
 
 
 def _infer_eot(tokenizer: Any, jinja: str) -> str:
     """The special token that a Jinja template writes right after an assistant's content."""
-    mark = "\ue000tunefix-answer\ue001"
-    probe = ChatTemplate("probe", jinja, None, "", ())
-    text = render_for(tokenizer, probe, [{"role": "user", "content": "hi"},
-                                         {"role": "assistant", "content": mark}])
-    after = text[text.index(mark) + len(mark):].lstrip(" ")
-    specials = sorted((t for t in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()) if t),
-                      key=len, reverse=True)
-    for token in specials:
-        if after.startswith(token):
-            return token
-    raise TunefixError(f"the chat template writes no special token after an assistant's answer "
-                       f"(it writes {after[:20]!r}): the model would never learn to stop",
-                       "Choose a template with --template (`tunefix templates` lists them)")
+    eot = policy.end_of_turn_text(tokenizer, jinja)
+    if eot is None:
+        mark = "\ue000"
+        text = render_for(tokenizer, jinja, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}])
+        raise TunefixError(f"the chat template writes no special token after an assistant's answer "
+                           f"(it writes {text.partition(mark)[2][:20]!r}): the model would never learn to stop",
+                           "Choose a template with --template (`tunefix templates` lists them)")
+    return eot
 
 
 def _same_renders(a: ChatTemplate, b: ChatTemplate, tokenizer: Any, with_system: bool = True) -> bool:
@@ -168,13 +154,6 @@ def template_for(tokenizer: Any, name_or_file: str | None = None) -> ChatTemplat
     return template.bind(tokenizer.eos_token or "")
 
 
-def end_of_turn(template: ChatTemplate, tokenizer: Any) -> str:
-    """The token that closes every assistant turn (trained, and a stop token at inference)."""
-    return template.bind(tokenizer.eos_token or "").eot
-
-
-def stop_tokens(template: ChatTemplate, tokenizer: Any) -> list[str]:
-    """Stop strings for Ollama / llama.cpp: the template's, then the tokenizer's EOS."""
-    bound = template.bind(tokenizer.eos_token or "")
-    extra = [tokenizer.eos_token] if tokenizer.eos_token else []
-    return list(dict.fromkeys([s for s in bound.stop if EOS not in s] + extra))
+# Where the end of turn and the stop tokens are decided (re-exported for callers).
+end_of_turn = policy.end_of_turn
+stop_tokens = policy.stop_tokens
