@@ -21,6 +21,7 @@ TWO_RUNS = r"""
 import json, os, sys
 from pathlib import Path
 
+import datasets
 import wandb
 from tunefix.model import allocator
 
@@ -49,6 +50,7 @@ for name in ("first", "second"):
     out.append({"wandb_files": sorted(str(p.relative_to(root)) for p in (root / name).glob("wandb/offline-run-*")),
                 "wandb_run_open": wandb.run is not None, "WANDB_DIR": os.environ.get("WANDB_DIR"),
                 "pyplot": "matplotlib.pyplot" in sys.modules,
+                "download_counts": datasets.config.HF_UPDATE_DOWNLOAD_COUNTS,
                 "last_mallopt": dict(mallopt_calls), "mallopt_calls": len(mallopt_calls)})
 print(json.dumps(out))
 """
@@ -68,6 +70,7 @@ def test_two_trainings_in_one_process_leave_nothing_behind(tmp_path):
     assert len(second["wandb_files"]) == 1 and second["wandb_files"][0].startswith("second/wandb/")
     for state in (first, second):
         assert not state["wandb_run_open"] and state["WANDB_DIR"] is None and not state["pyplot"], state
+        assert state["download_counts"] is True, state  # datasets' own default, switched off per load only
         # The last value set for each threshold is glibc's default (M_MMAP_THRESHOLD -3,
         # M_TRIM_THRESHOLD -1): test_allocator measures that restore() gives glibc's behaviour.
         assert state["mallopt_calls"] > 4 and state["last_mallopt"] == {"-3": 131072, "-1": 131072}, state

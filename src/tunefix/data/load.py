@@ -180,13 +180,17 @@ def load_table(source: str | Path, fmt: str | None = None):
         kwargs = {"sep": "," if kind == "csv" else "\t", "keep_default_na": False, "na_values": [""],
                   "features": datasets.Features({h: datasets.Value("string") for h in header})}
     # A local file needs no network: datasets would otherwise send a HEAD request to its
-    # download counter on S3 for every load (measured: a 3 s wait where DNS hangs).
+    # download counter on S3 for every load (measured: a 3 s wait where DNS hangs). Switched
+    # off for this call only: the user's own datasets calls keep their setting.
+    counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises many types; every one means "could not read"
         raise TunefixError(f"{path}: could not be read as {kind}: {str(e).splitlines()[0]}",
                            "Check the file's format") from e
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
 
 
 def _load_disk(path: Path):
