@@ -221,6 +221,13 @@ def test_phi3_sliding_window_and_fused_projections(tmp_path):
     assert examine(tiny.tiny_model("phi3")).get("sliding-window-off-by-one") is None
 
 
+def test_smollm3_nope_layers_llama_cpp_would_place_elsewhere(tmp_path):
+    """llama.cpp's SmolLM3 skips RoPE on every 4th layer whatever the config says."""
+    assert examine(tiny.tiny_model("smollm3")).get("nope-layers-differ-in-gguf") is None
+    f = examine(_with_config(tmp_path, "smollm3", no_rope_layers=[1, 0])).get("nope-layers-differ-in-gguf")
+    assert f is not None and f.severity == "warning" and f.evidence["llama_cpp"] == [1, 1], f
+
+
 # ---------------------------------------------------------------- no false positives
 
 

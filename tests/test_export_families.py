@@ -21,10 +21,12 @@ from test_export_run import _train, one_torch_thread, tree_digest  # noqa: F401 
 from tunefix import _io, tiny
 from tunefix.cli import main
 
-# family -> template. The tiny Gemma carries the Llama 2 vocabulary (see tunefix.tiny), which
-# has no <start_of_turn>: the gemma template cannot be trained on it, the mistral one can. The
-# Gemma export path (converter, metadata fixes) is what this family checks.
-FAMILIES = {"llama": "llama-3", "mistral": "mistral", "qwen2": "qwen-2.5", "gemma": "mistral"}
+# family -> the registry template its tiny tokenizer trains on (the family record's). The tiny
+# Gemma carries the Llama 2 vocabulary (see tunefix.tiny), which has no <start_of_turn>: its
+# record names the mistral template. The Gemma export path (converter, metadata fixes) is what
+# that family checks. Phi-3 and Gemma 2/3 export through test_export_gguf's conversions.
+FAMILIES = {f: tiny.FAMILIES[f].template for f in ("llama", "mistral", "qwen2", "gemma", "qwen3", "qwen3_moe",
+                                                     "smollm3")}
 
 
 @pytest.fixture(scope="module")

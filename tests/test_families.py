@@ -3,6 +3,8 @@ transformers and llama.cpp, and the modules that used to keep their own lists re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tunefix import families
@@ -59,3 +61,42 @@ def test_a_quirk_comes_from_the_record(monkeypatch):
 
     finding = checks.sliding_window_off_by_one(Probe())
     assert finding is not None and "4096" in finding.message
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_doctor_examines_each_family_without_errors(name):
+    """Each family's tiny model (random weights, real tokenizer) is supported and clean: no
+    error-severity finding, no unsupported-family (the README's family table, "doctor")."""
+    from tunefix import tiny
+    from tunefix.doctor import examine
+
+    report = examine(tiny.tiny_model(name), template="chatml" if name.startswith(("qwen", "smollm")) else None)
+    assert report.get("unsupported-family") is None, report.summary()
+    assert not report.errors, [(f.code, f.message) for f in report.errors]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_full_fine_tuning_in_each_family(name, tmp_path):
+    """``--method full`` trains every weight of each family and the run loads back (the README's
+    family table, "full")."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunefix import tiny
+    from tunefix.train.config import RunConfig
+    from tunefix.train.run import load_run
+    from tunefix.train.trainer import train
+
+    alpaca = Path(__file__).resolve().parents[1] / "examples" / "alpaca_sample.json"
+    cfg = RunConfig(model=str(tiny.tiny_model(name)), data=str(alpaca), template=FAMILIES[name].tiny.template,
+                    output_dir=str(tmp_path / "run"), method="full", max_steps=1, batch_size=2,
+                    gradient_accumulation=1, warmup_steps=0, learning_rate=1e-3, max_seq_length=64,
+                    precision="fp32", report_to="none")
+    run = train(cfg).run_dir
+    trained = load_file(str(run / "model" / "model.safetensors"))
+    base = load_file(str(tiny.tiny_model(name) / "model.safetensors"))
+    changed = [k for k in base if k in trained and not torch.equal(base[k].float(), trained[k].float())]
+    assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed), changed[:6]
+    model, _, _, loaded = load_run(run)
+    assert loaded.method == "full" and not hasattr(model, "peft_config")

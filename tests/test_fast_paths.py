@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunefix.model import checkpointing, loss
+from tunefix.tiny import FAMILIES
 from tunefix.model.fused_lora import fuse_lora_forward
 from tunefix.model.padding import (
     drop_padding_mask,
@@ -131,10 +132,11 @@ def test_mask_kept_where_it_matters(case):
     assert "attention_mask" in drop_padding_mask(batch)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_fast_paths_equal_the_reference_in_every_family(family):
     # Sliding windows (Mistral, Gemma 2/3), softcapped attention (Gemma 2), fused projections
-    # (Phi-3): selective checkpointing == on, and the dropped mask == the mask, in each.
+    # (Phi-3), q/k norms (Qwen3), MoE experts with PEFT's parameter adapters (Qwen3-MoE), NoPE
+    # layers (SmolLM3): selective checkpointing == on, and the dropped mask == the mask, in each.
     from tunefix.tiny import tiny_model
 
     model_dir = tiny_model(family)

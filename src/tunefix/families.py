@@ -22,6 +22,7 @@ class Tiny:
     tied: bool
     config_class: str
     config: dict = field(default_factory=dict)
+    template: str = "chatml"  # a registry template its tokenizer can train on (tests train with it)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Family:
     tanh_gelu: bool = False       # trained with the tanh-approximate GELU (Gemma)
     window_fix: tuple[int, int] | None = None  # (a wrong sliding window seen in configs, the right one)
     layers_27b: int | None = None  # llama.cpp tells the 27B model (its own attention scale) by this
+    # llama.cpp skips RoPE on every Nth layer of this architecture and reads nothing else from
+    # the config (SmolLM3: 4); a config that skips others converts, then answers differently.
+    nope_every: int | None = None
     # Texts that end a turn or the text in the family's models and templates: the doctor never
     # makes one of them the pad token (a pad is masked from the loss: the model would never stop).
     stop_texts: tuple[str, ...] = ()
@@ -47,25 +51,39 @@ _GEMMA_STOPS = ("<end_of_turn>", "<eos>")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", ("llama",), "llama",  # Llama 2/3, SmolLM2
-           Tiny("llama-bpe", tied=False, config_class="LlamaConfig", config={"rope_theta": 500000.0}),
+           Tiny("llama-bpe", tied=False, config_class="LlamaConfig", config={"rope_theta": 500000.0},
+                template="llama-3"),
            stop_texts=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>")),
     Family("mistral", ("mistral",), "llama",
-           Tiny("llama-spm", tied=False, config_class="MistralConfig", config={"sliding_window": None}),
+           Tiny("llama-spm", tied=False, config_class="MistralConfig", config={"sliding_window": None},
+                template="mistral"),
            stop_texts=("</s>",)),
-    Family("qwen2", ("qwen2",), "qwen2", Tiny("qwen2", tied=True, config_class="Qwen2Config"),
+    Family("qwen2", ("qwen2",), "qwen2", Tiny("qwen2", tied=True, config_class="Qwen2Config", template="qwen-2.5"),
            stop_texts=("<|im_end|>", "<|endoftext|>")),
+    Family("qwen3", ("qwen3",), "qwen3",
+           Tiny("qwen2", tied=True, config_class="Qwen3Config", config={"head_dim": 64}),
+           stop_texts=("<|im_end|>", "<|endoftext|>")),
+    Family("qwen3_moe", ("qwen3_moe",), "qwen3moe",
+           Tiny("qwen2", tied=False, config_class="Qwen3MoeConfig",
+                config={"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                        "norm_topk_prob": True}),
+           stop_texts=("<|im_end|>", "<|endoftext|>")),
+    Family("smollm3", ("smollm3",), "smollm3",
+           Tiny("llama-bpe", tied=True, config_class="SmolLM3Config",
+                config={"rope_theta": 2000000.0, "no_rope_layer_interval": 4}, template="llama-3"),
+           nope_every=4, stop_texts=("<|im_end|>", "<|end_of_text|>", "<|eot_id|>")),
     Family("phi3", ("phi3",), "phi3",
-           Tiny("phi-3", tied=False, config_class="Phi3Config", config={"sliding_window": 2048}),
+           Tiny("phi-3", tied=False, config_class="Phi3Config", config={"sliding_window": 2048}, template="phi-3"),
            fused=PHI3_FUSED, window_fix=(2047, 2048), stop_texts=("<|end|>", "<|endoftext|>")),
     Family("gemma", ("gemma",), "gemma",
-           Tiny("llama-spm", tied=True, config_class="GemmaConfig", config=_GEMMA_TINY), tanh_gelu=True,
+           Tiny("llama-spm", tied=True, config_class="GemmaConfig", config=_GEMMA_TINY, template="mistral"), tanh_gelu=True,
            stop_texts=_GEMMA_STOPS),
     Family("gemma2", ("gemma2",), "gemma2",
-           Tiny("llama-spm", tied=True, config_class="Gemma2Config", config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}),
+           Tiny("llama-spm", tied=True, config_class="Gemma2Config", config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}, template="mistral"),
            tanh_gelu=True, layers_27b=46, stop_texts=_GEMMA_STOPS),
     Family("gemma3", ("gemma3", "gemma3_text"), "gemma3",
            Tiny("llama-spm", tied=True, config_class="Gemma3TextConfig",
-                config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}),
+                config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}, template="mistral"),
            tanh_gelu=True, layers_27b=62, stop_texts=_GEMMA_STOPS),
 )}
 

@@ -27,6 +27,7 @@ CHECKS = [
     config.unsupported_family,
     config.gemma_exact_gelu,
     config.sliding_window_off_by_one,
+    config.nope_layers_differ_in_gguf,
     config.fused_projections,
 ]
 

@@ -122,4 +122,8 @@ def peft_quietly() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning)
+        # On MoE models (Qwen3-MoE) PEFT maps the expert projections to the fused expert
+        # parameters itself and then warns that its own generated patterns matched no module.
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match",
+                                category=RuntimeWarning)
         yield
