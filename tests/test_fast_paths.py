@@ -17,7 +17,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunefix.model import checkpointing, loss
-from tunefix.tiny import FAMILIES
 from tunefix.model.fused_lora import fuse_lora_forward
 from tunefix.model.padding import (
     drop_padding_mask,
@@ -26,6 +25,7 @@ from tunefix.model.padding import (
     split_rows,
 )
 from tunefix.model.selective import KEPT_OPS
+from tunefix.tiny import FAMILIES
 
 B, T = 2, 40
 

@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tunefix import tiny
-from tunefix.errors import TunefixError
 from tunefix.data import tokenize_conversation
+from tunefix.errors import TunefixError
 from tunefix.templates import REGISTRY, end_of_turn, policy, template_for
 
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},

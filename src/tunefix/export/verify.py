@@ -346,9 +346,8 @@ class StopParity:
 
 def stop_ids(tok, template=None) -> set[int]:
     """The ids an answer ends on (``policy.stop_ids``): the template's end of turn and EOS."""
-    from tunefix.templates import policy
-
     from tunefix.export.gguf_meta import template_of
+    from tunefix.templates import policy
 
     # The model's own template as tunefix serves it; None (EOS only) without one, or for one
     # that ends turns with no token: what the GGUF metadata names too.
