@@ -73,7 +73,7 @@ def test_training_rows_one_bos_and_end_of_turn(family, template, bos, tmp_path):
     from transformers import AutoTokenizer
 
     from tunefix.templates import template_for
-    from tunefix.train.trainer import prepare_data, tokenize
+    from tunefix.train.rows import prepare_data, tokenize
 
     cfg = _cfg(tmp_path, model=str(tiny.tiny_model(family)), template=template)
     tok = AutoTokenizer.from_pretrained(cfg.model)
@@ -143,12 +143,12 @@ def test_phi3_fused_projections_get_their_own_adapters():
 def test_continued_pretraining_embedding_learning_rate(tmp_path):
     from tunefix.model.load import load_model
     from tunefix.model.lora import add_lora
-    from tunefix.train.trainer import _optimizer
+    from tunefix.train.arguments import build_optimizer
 
     cfg = _cfg(tmp_path, train_embeddings=True, learning_rate=1e-4)
     model, _ = load_model(cfg.model, report=None)
     model = add_lora(model, train_embeddings=True)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     main_group, emb_group = opt.param_groups
     assert main_group["lr"] == 1e-4 and emb_group["lr"] == pytest.approx(1e-5)
     emb_names = {n for n, p in model.named_parameters() if any(p is q for q in emb_group["params"])}
@@ -159,8 +159,9 @@ def test_continued_pretraining_embedding_learning_rate(tmp_path):
 def test_full_fine_tuning_trains_every_weight_and_exports_as_a_model(tmp_path):
     from safetensors.torch import load_file
 
+    from tunefix.train.arguments import build_optimizer
     from tunefix.train.run import is_full, load_run
-    from tunefix.train.trainer import _optimizer, train
+    from tunefix.train.trainer import train
 
     cfg = _cfg(tmp_path, method="full", learning_rate=1e-4, max_steps=2)
     result = train(cfg)
@@ -179,8 +180,8 @@ def test_full_fine_tuning_trains_every_weight_and_exports_as_a_model(tmp_path):
     assert torch.equal(got, trained["model.embed_tokens.weight"][: got.shape[0]])
     # One learning rate for all unless the split is asked for; with it, the embeddings' own.
     model.requires_grad_(True)
-    assert len(_optimizer(model, cfg).param_groups) == 1
-    split = _optimizer(model, _cfg(tmp_path, method="full", embedding_learning_rate=1e-6)).param_groups
+    assert len(build_optimizer(model, cfg).param_groups) == 1
+    split = build_optimizer(model, _cfg(tmp_path, method="full", embedding_learning_rate=1e-6)).param_groups
     assert [g["lr"] for g in split] == [1e-3, 1e-6]
     assert main(["export", str(run), "--out", str(tmp_path / "export"), "--merged", "--no-verify"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "lora"), "--lora-only"]) == 2
@@ -242,7 +243,7 @@ def test_packed_rows_do_not_see_each_other():
     from transformers import AutoModelForCausalLM
 
     from tunefix.data import pack
-    from tunefix.train.trainer import Collator
+    from tunefix.train.rows import Collator
 
     model = AutoModelForCausalLM.from_pretrained(tiny.tiny_model("llama"), dtype=torch.float32).eval()
     rows = [{"input_ids": [128000, 9906, 1917, 0, 473], "labels": [-100, 9906, 1917, 0, 473]},
@@ -338,7 +339,7 @@ def test_tensorboard_and_wandb_offline_log_the_same_losses_into_the_run_dir(tmp_
 
 
 def test_auto_reporting_skips_wandb_when_not_logged_in(tmp_path, monkeypatch):
-    from tunefix.train.trainer import report_to
+    from tunefix.train.arguments import report_to
 
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)

@@ -26,11 +26,11 @@ HOOKS = (
     Hook("transformers.modeling_layers.GradientCheckpointingLayer",
          "model/checkpointing.py: each layer's _gradient_checkpointing_func is swapped for "
          "selective or offloaded checkpointing", "transformers 5.24", mentions="_gradient_checkpointing_func"),
-    Hook("transformers.Trainer._save", "train/trainer.py: FSDP gathers full weights before the save",
+    Hook("transformers.Trainer._save", "train/hf_trainer.py: FSDP gathers full weights before the save",
          "transformers 5.24"),
-    Hook("transformers.Trainer._prepare_inputs", "train/trainer.py: prediction_step with the chunked loss",
+    Hook("transformers.Trainer._prepare_inputs", "train/hf_trainer.py: prediction_step with the chunked loss",
          "transformers 5.24"),
-    Hook("transformers.Trainer.compute_loss_context_manager", "train/trainer.py: prediction_step",
+    Hook("transformers.Trainer.compute_loss_context_manager", "train/hf_trainer.py: prediction_step",
          "transformers 5.24"),
     Hook("transformers.PreTrainedModel._is_distributed_loading_by_transformers", "train/distributed.py: set on "
          "an FSDP2 model so that Trainer neither wraps it in DDP nor moves it", "transformers 5.24"),

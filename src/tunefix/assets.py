@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tunefix._io import atomic_dir, atomic_path
 from tunefix.errors import TunefixError
+from tunefix.progress import Reporter, or_silent
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +255,11 @@ def tokenizer(name: str) -> Path:
 TOKENIZERS = ("llama-bpe", "llama-spm", "phi-3", "qwen2", "gpt-2", "gemma-4")
 
 
-def fetch_all(progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+def fetch_all(progress: Reporter | None = None) -> dict[str, Path]:
     """Fetch and build every real asset ahead of time (the tiny test models, built from these,
-    are ``tiny.fetch_tiny``'s). Idempotent; returns the paths."""
-    say = progress or (lambda _msg: None)
+    are ``tiny.fetch_tiny``'s). Idempotent; returns the paths. Each asset is one stage of
+    ``progress``, named by its label."""
+    progress = or_silent(progress)
     out: dict[str, Path] = {}
     steps: list[tuple[str, Callable[[], Path]]] = [
         ("llama.cpp source", llama_cpp_source),
@@ -266,6 +268,6 @@ def fetch_all(progress: Callable[[str], None] | None = None) -> dict[str, Path]:
     ]
     steps += [(f"tokenizer {n}", lambda n=n: tokenizer(n)) for n in TOKENIZERS]
     for label, step in steps:
-        say(label)
-        out[label] = step()
+        with progress.stage(label):
+            out[label] = step()
     return out

@@ -1,4 +1,5 @@
-"""``tunefix chat``: talk to a run, a model directory or a GGUF file in the terminal.
+"""Chat with a run, a model directory or a GGUF file (``tunefix chat`` is
+``tunefix.commands.chat``; ``open_chat`` picks the backend).
 
 Each backend renders the conversation with the template the model was trained with,
 tokenises it with exactly one BOS, and stops on the template's stop tokens; so a run and
@@ -7,7 +8,6 @@ its exported GGUF answer the same prompt with the same greedy tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -127,35 +127,3 @@ def open_chat(target: str) -> Any:
     model.eval()
     return TorchChat(model, tok, template_for(tok))
 
-
-def run_chat(args: argparse.Namespace) -> int:
-    bot = open_chat(args.target)
-    try:
-        return _talk(bot, args)
-    finally:
-        bot.close()
-
-
-def _talk(bot, args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
-    system = args.system if args.system is not None else None
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    if args.prompt is not None:
-        text, _ = bot.answer(history + [{"role": "user", "content": args.prompt}], args.max_new_tokens)
-        print(text)
-        return 0
-    console.print("tunefix chat: empty line or Ctrl-D to quit", style="dim")
-    while True:
-        try:
-            line = console.input("[bold]you>[/] ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        history.append({"role": "user", "content": line})
-        text, stopped = bot.answer(history, args.max_new_tokens)
-        history.append({"role": "assistant", "content": text})
-        console.print(f"[bold]model>[/] {text}" + ("" if stopped else " [dim](length limit)[/]"))
-    return 0

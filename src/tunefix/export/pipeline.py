@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunefix._io import atomic_dir, check_output_dir, human_size, inside, safe_name, write_text
+from tunefix._io import atomic_dir, check_output_dir, inside, safe_name, write_text
 from tunefix.errors import TunefixError
 from tunefix.llamacpp import LlamaCrash
-
-log = logging.getLogger(__name__)
+from tunefix.progress import Recorder, Reporter, or_silent
 
 DEFAULT_GGUF = ("f16", "q8_0", "q4_k_m")
 MANIFEST = "export.json"
@@ -52,18 +48,6 @@ ADAPTER = "adapter"
 MIN_MARGIN = 0.01
 MAX_ABS_F16 = 0.25
 FLOAT_TYPES = ("f32", "bf16", "f16")
-
-
-class Stages:
-    """Progress reporting: ``with stages.stage("merge"): ...`` and one-line notes."""
-
-    @contextlib.contextmanager
-    def stage(self, label: str) -> Iterator[None]:
-        log.info("%s ...", label)
-        yield
-
-    def note(self, text: str) -> None:
-        log.info("%s", text)
 
 
 @dataclass
@@ -179,7 +163,7 @@ def _file_type(name: str) -> str:
 
 
 def verify_files(hf_dir: Path, root: Path, files: Sequence[dict], *, template_ollama: str | None,
-                 system: str | None, stages: Stages, threads: int | None = None) -> dict:
+                 system: str | None, progress: Reporter, threads: int | None = None) -> dict:
     """Run every check on the export's files (paths relative to ``root``); a JSON-able record."""
     from tunefix.export import verify
 
@@ -188,18 +172,18 @@ def verify_files(hf_dir: Path, root: Path, files: Sequence[dict], *, template_ol
     loras = [f for f in files if f["kind"] == "lora-gguf"]
     tok = verify.load_tokenizer(hf_dir)
     if template_ollama:
-        with stages.stage("verify template parity (Go vs Jinja)"):
+        with progress.stage("verify template parity (Go vs Jinja)"):
             tp = verify.template_parity(template_ollama, tok, system=system)
         out["template"] = _check(tp.ok, f"{tp.checked} conversations" + (f", {len(tp.skipped)} skipped" if tp.skipped else ""),
                                  _error_of(tp), checked=tp.checked, skipped=tp.skipped)
     if ggufs:
-        with stages.stage("load the PyTorch reference"):
+        with progress.stage("load the PyTorch reference"):
             model = verify.load_reference(hf_dir)
         prompts = verify.prompt_ids(tok)
         stop_file = next((f for f in ggufs if f["type"] in FLOAT_TYPES), ggufs[0])
         for f in ggufs:
             try:
-                with stages.stage(f"verify {f['path']}"):
+                with progress.stage(f"verify {f['path']}"):
                     checks = _verify_gguf(verify, root / f["path"], hf_dir, model, tok, prompts,
                                           judged=f["type"] in FLOAT_TYPES, stops=f is stop_file, threads=threads)
                 out["files"][f["path"]] = {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
@@ -271,7 +255,7 @@ class ExportResult:
         return v is None or v["ok"]
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
@@ -285,22 +269,91 @@ def _num_ctx(src: Source, hf_dir: Path) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOptions | None = None,
-           stages: Stages | None = None) -> ExportResult:
-    """Export a run directory (or a Hugging Face model directory) into ``out``. See the module doc."""
-    from tunefix.export import gguf as gguf_mod
-    from tunefix.export import ollama
+@dataclass
+class _Plan:
+    """What an export will do, decided (and every input checked) before anything is written."""
 
-    opts = opts or ExportOptions()
-    stages = stages or Stages()
+    src: Source
+    out: Path
+    opts: ExportOptions
+    types: list[str]  # GGUF types, in the order asked for
+    full: bool  # the run is a full fine-tune (model/, no adapter)
+    name: str  # file names and the README's `ollama create` use safe_name(name)
+
+    @property
+    def merges(self) -> bool:
+        """A run's weights become a merged Hugging Face model (everything but --lora-only)."""
+        return self.src.kind == "run" and not self.opts.lora_only
+
+    @property
+    def keep_merged(self) -> bool:
+        # `tunefix verify` needs the merged model as its reference, so verification keeps it.
+        return self.merges and (self.opts.merged or self.opts.verify)
+
+
+@dataclass
+class _Built:
+    """What the build steps made in the staging directory, for the manifest and the README."""
+
+    template: Any = None  # the run's (or the model's) ChatTemplate; None: no chat template
+    tok: Any = None
+    hf_dir: Path | None = None  # the merged model or the exported model directory; None: LoRA only
+    files: list[dict] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)  # the GGUF steps (convert, patch, quantize)
+    spec: Any = None  # the Ollama Modelfile's content (--ollama)
+    modelfile_from: str | None = None  # the GGUF file the Modelfile names
+
+
+class _GgufSteps(Recorder):
+    """The GGUF steps, recorded for the manifest. They run inside the export's own GGUF stage,
+    so they are not shown as stages of their own; a metadata patch is shown as a note."""
+
+    def __init__(self, shown: Reporter):
+        super().__init__()
+        self.shown = shown
+
+    def event(self, name: str, detail: str = "") -> None:
+        super().event(name, detail)
+        if name == "patch":
+            self.shown.note(f"GGUF metadata fixed: {detail}")
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOptions | None = None,
+           progress: Reporter | None = None) -> ExportResult:
+    """Export a run directory (or a Hugging Face model directory) into ``out``. See the module doc.
+
+    Plan (every check on the inputs, nothing written), build (merge, adapter, GGUF files,
+    Modelfile) and verify in a staging directory, then write the manifest and README and
+    publish the directory under ``out``. ``progress`` sees one stage per step.
+    """
+    progress = or_silent(progress)
+    plan = plan_export(source, out, opts or ExportOptions())
+    with staging_dir(plan.out) as tmp:
+        built = _load_inputs(plan, tmp, progress)
+        if plan.opts.lora_only:
+            _write_adapter(plan, tmp, built, progress)
+        if plan.types:
+            _write_gguf(plan, tmp, built, progress)
+        if plan.opts.ollama:
+            _write_modelfile(plan, tmp, built)
+        if plan.keep_merged:
+            built.files.insert(0, {"path": MERGED, "kind": "hf", "type": f"HF merged {plan.opts.dtype}"})
+        manifest = _manifest(plan, built)
+        manifest["verification"] = _verify_step(plan, tmp, built, manifest, progress)
+        _write_records(plan, tmp, built, manifest)
+    return ExportResult(plan.out.resolve(), manifest, manifest["conversions"], built.events)
+
+
+def plan_export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOptions) -> _Plan:
+    """Check the source, the options and ``out`` before anything is loaded or written."""
+    from tunefix.train.run import is_full
+
     out = Path(out).expanduser()
     src = resolve_source(source)
     types = gguf_types(opts)
     check_out_dir(out, opts.force, src.path)
     if opts.lora_only and src.kind != "run":
         raise TunefixError("--lora-only needs a run directory (a model has no adapter)")
-    from tunefix.train.run import is_full
-
     full = src.kind == "run" and is_full(src.path)
     if opts.lora_only and full:
         raise TunefixError(f"{src.path} is a full fine-tune (--method full): it has no adapter to export alone",
@@ -309,119 +362,141 @@ def export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportOption
         raise TunefixError("--ollama needs a GGUF file", "Ask for one with --gguf, e.g. --gguf q4_k_m")
     if not types and not opts.merged and not opts.lora_only:
         raise TunefixError("nothing to export", "Ask for --gguf types, --merged or --lora-only")
-    name = opts.name or src.path.name  # file names and the README's `ollama create` use safe_name(name)
-    events: list[tuple[str, str]] = []
-    files: list[dict] = []
-    manifest: dict[str, Any] = {"tunefix_export": 1, "source": str(src.path), "source_kind": src.kind,
-                                "base_model": src.base_model, "name": name}
+    return _Plan(src, out, opts, types, full, opts.name or src.path.name)
 
-    with staging_dir(out) as tmp:
-        template, tok = None, None
-        if src.kind == "run":
-            from transformers import AutoTokenizer
 
-            from tunefix.train.run import load_template
+def _load_inputs(plan: _Plan, tmp: Path, progress: Reporter) -> _Built:
+    """The template and tokenizer, and the Hugging Face model the GGUF files come from: a run
+    merged into ``tmp/merged`` (or its full model saved there), or the model directory itself."""
+    from transformers import AutoTokenizer
 
-            template = load_template(src.path)
-            tok = AutoTokenizer.from_pretrained(str(src.path / "tokenizer"))
-        hf_dir: Path | None = None
-        if src.kind == "run" and not opts.lora_only:
-            from tunefix.export.merge import merge_run
-            from tunefix.train.run import load_run
+    built = _Built()
+    src = plan.src
+    if src.kind == "model":
+        from tunefix.templates import template_for
 
-            with stages.stage("load run (its full model)" if full else
-                              "load run (base + adapter, 16-bit base weights)"):
-                loaded = load_run(src.path, merge=True)
-            with stages.stage(f"{'save' if full else 'merge LoRA'} -> {MERGED}/ ({opts.dtype})"):
-                hf_dir = merge_run(src.path, tmp / MERGED, dtype=opts.dtype, loaded=loaded)
-            del loaded
-        elif src.kind == "model":
-            hf_dir = src.path
-            from transformers import AutoTokenizer
+        built.hf_dir = src.path
+        built.tok = AutoTokenizer.from_pretrained(str(src.path))
+        built.template = template_for(built.tok) if built.tok.chat_template else None
+        return built
+    from tunefix.train.run import load_template
 
-            from tunefix.templates import template_for
+    built.template = load_template(src.path)
+    built.tok = AutoTokenizer.from_pretrained(str(src.path / "tokenizer"))
+    if plan.merges:
+        from tunefix.export.merge import merge_run
+        from tunefix.train.run import load_run
 
-            tok = AutoTokenizer.from_pretrained(str(hf_dir))
-            if tok.chat_template:
-                template = template_for(tok)
-        if opts.lora_only:
-            from tunefix.export import lora_gguf
+        with progress.stage("load run (its full model)" if plan.full else
+                            "load run (base + adapter, 16-bit base weights)"):
+            loaded = load_run(src.path, merge=True)
+        with progress.stage(f"{'save' if plan.full else 'merge LoRA'} -> {MERGED}/ ({plan.opts.dtype})"):
+            built.hf_dir = merge_run(src.path, tmp / MERGED, dtype=plan.opts.dtype, loaded=loaded)
+        del loaded
+    return built
 
-            with stages.stage(f"copy the PEFT adapter -> {ADAPTER}/"):
-                lora_gguf.copy_adapter(src.path / "adapter", tmp / ADAPTER)
-            files.append({"path": ADAPTER, "kind": "peft-adapter", "type": "PEFT LoRA"})
-            lora_file = inside(tmp, f"{name}-lora-f16.gguf")
-            with stages.stage(f"convert the adapter -> {lora_file.name}"):
-                lora_gguf.convert_lora(src.path / "adapter", src.base_model, lora_file, "f16")
-            files.append({"path": lora_file.name, "kind": "lora-gguf", "type": "LoRA f16"})
-        if types:
-            def progress(stage: str, detail: str) -> None:
-                events.append((stage, detail))
-                if stage == "patch":  # conversion and quantisation log their own line
-                    stages.note(f"GGUF metadata fixed: {detail}")
 
-            with stages.stage(f"GGUF {', '.join(types)} (one conversion)"):
-                made = gguf_mod.export_gguf(hf_dir, tmp, types, name=name, progress=progress)
-            for t, p in zip(types, made, strict=True):
-                os.chmod(p, 0o644)  # readable by an Ollama service running as another user
-                files.append({"path": p.name, "kind": "gguf", "type": t})
-        spec, modelfile_from = None, None
-        if opts.ollama:
-            if template is None:
-                raise TunefixError("the model has no chat template: no Modelfile TEMPLATE can be written")
-            spec = ollama.spec_for(template, tok, system=src.cfg.system if src.cfg else None,
-                                   num_ctx=_num_ctx(src, hf_dir or src.path))
-            if types:
-                modelfile_from = files[-len(types)]["path"]
-                ollama.write_modelfile(tmp, modelfile_from, spec)
-            else:  # LoRA only: the user brings the base model's GGUF
-                write_text(tmp / "Modelfile",
-                           "# FROM: the base model's GGUF (converted from the base model the run trained on)\n"
-                           + ollama.modelfile_text(spec, "./base-model.gguf", f"./{files[-1]['path']}"))
-            files.append({"path": "Modelfile", "kind": "modelfile", "type": "Ollama Modelfile"})
-        keep_merged = hf_dir is not None and src.kind == "run" and (opts.merged or opts.verify)
-        if keep_merged:
-            files.insert(0, {"path": MERGED, "kind": "hf", "type": f"HF merged {opts.dtype}"})
-        bound = template.bind(tok.eos_token or "") if template is not None and tok is not None else None
-        from tunefix.templates import stop_tokens
+def _write_adapter(plan: _Plan, tmp: Path, built: _Built, progress: Reporter) -> None:
+    """--lora-only: the PEFT adapter as it is, and its GGUF form for llama.cpp."""
+    from tunefix.export import lora_gguf
 
-        manifest.update({
-            "merged": MERGED if keep_merged else None,
-            # The reference of every check: the merged model (or the exported model directory);
-            # a LoRA-only export has only the run's tokenizer (for the template check).
-            "reference": MERGED if keep_merged else str(hf_dir or src.path / "tokenizer"),
-            "template": asdict(bound) if bound else None,
-            "stop_tokens": stop_tokens(template, tok) if template is not None else [],
-            "system": spec.system if spec else None,
-            "num_ctx": spec.num_ctx if spec else None,
-            "conversions": sum(1 for s, _ in events if s == "convert"),
-            "events": events,
-        })
-        if opts.verify:
-            ref = tmp / MERGED if keep_merged else Path(manifest["reference"])
-            if hf_dir is None:
-                stages.note("LoRA-only export: the adapter file and the template are checked, not its outputs")
-            manifest["verification"] = verify_files(
-                ref, tmp, files, template_ollama=spec.template if spec else None,
-                system=spec.system if spec else None, stages=stages)
-        else:
-            manifest["verification"] = None
-        if hf_dir is not None and not keep_merged and (tmp / MERGED).exists():
-            shutil.rmtree(tmp / MERGED)
-        for f in files:
-            f["size"] = _size(tmp / f["path"])
-        manifest["files"] = files
-        readme = ollama.readme_text(
-            safe_name(name), files=[(f["path"], f["type"]) for f in files],
-            modelfile="Modelfile" if spec else None, gguf_from=modelfile_from,
-            merged=keep_merged, lora=[f["path"] for f in files if f["kind"] in ("lora-gguf", "peft-adapter")],
-            source=str(src.path))
-        write_text(tmp / "README.md", readme)
-        write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
-        for p in (tmp / "README.md", tmp / MANIFEST, tmp / "Modelfile"):
-            if p.exists():
-                os.chmod(p, 0o644)
-    return ExportResult(out.resolve(), manifest, manifest["conversions"], events)
+    adapter = plan.src.path / "adapter"
+    with progress.stage(f"copy the PEFT adapter -> {ADAPTER}/"):
+        lora_gguf.copy_adapter(adapter, tmp / ADAPTER)
+    built.files.append({"path": ADAPTER, "kind": "peft-adapter", "type": "PEFT LoRA"})
+    lora_file = inside(tmp, f"{plan.name}-lora-f16.gguf")
+    with progress.stage(f"convert the adapter -> {lora_file.name}"):
+        lora_gguf.convert_lora(adapter, plan.src.base_model, lora_file, "f16")
+    built.files.append({"path": lora_file.name, "kind": "lora-gguf", "type": "LoRA f16"})
+
+
+def _write_gguf(plan: _Plan, tmp: Path, built: _Built, progress: Reporter) -> None:
+    """One conversion, then one quantisation per further type (``tunefix.export.gguf``)."""
+    from tunefix.export.gguf import export_gguf
+
+    steps = _GgufSteps(progress)
+    with progress.stage(f"GGUF {', '.join(plan.types)} (one conversion)"):
+        made = export_gguf(built.hf_dir, tmp, plan.types, name=plan.name, progress=steps)
+    built.events = steps.steps
+    for t, p in zip(plan.types, made, strict=True):
+        os.chmod(p, 0o644)  # readable by an Ollama service running as another user
+        built.files.append({"path": p.name, "kind": "gguf", "type": t})
+
+
+def _write_modelfile(plan: _Plan, tmp: Path, built: _Built) -> None:
+    """The Ollama Modelfile: FROM the first GGUF file asked for, or (LoRA only) the base
+    model's GGUF the user brings plus the adapter."""
+    from tunefix.export import ollama
+
+    if built.template is None:
+        raise TunefixError("the model has no chat template: no Modelfile TEMPLATE can be written")
+    src = plan.src
+    built.spec = ollama.spec_for(built.template, built.tok, system=src.cfg.system if src.cfg else None,
+                                 num_ctx=_num_ctx(src, built.hf_dir or src.path))
+    if plan.types:
+        built.modelfile_from = built.files[-len(plan.types)]["path"]
+        ollama.write_modelfile(tmp, built.modelfile_from, built.spec)
+    else:
+        write_text(tmp / "Modelfile",
+                   "# FROM: the base model's GGUF (converted from the base model the run trained on)\n"
+                   + ollama.modelfile_text(built.spec, "./base-model.gguf", f"./{built.files[-1]['path']}"))
+    built.files.append({"path": "Modelfile", "kind": "modelfile", "type": "Ollama Modelfile"})
+
+
+def _manifest(plan: _Plan, built: _Built) -> dict[str, Any]:
+    """export.json without its verification and file sizes (added once known)."""
+    from tunefix.templates import stop_tokens
+
+    src, spec, tok, template = plan.src, built.spec, built.tok, built.template
+    bound = template.bind(tok.eos_token or "") if template is not None and tok is not None else None
+    return {
+        "tunefix_export": 1, "source": str(src.path), "source_kind": src.kind,
+        "base_model": src.base_model, "name": plan.name,
+        "merged": MERGED if plan.keep_merged else None,
+        # The reference of every check: the merged model (or the exported model directory);
+        # a LoRA-only export has only the run's tokenizer (for the template check).
+        "reference": MERGED if plan.keep_merged else str(built.hf_dir or src.path / "tokenizer"),
+        "template": asdict(bound) if bound else None,
+        "stop_tokens": stop_tokens(template, tok) if template is not None else [],
+        "system": spec.system if spec else None,
+        "num_ctx": spec.num_ctx if spec else None,
+        "conversions": sum(1 for s, _ in built.events if s == "convert"),
+        "events": built.events,
+    }
+
+
+def _verify_step(plan: _Plan, tmp: Path, built: _Built, manifest: dict, progress: Reporter) -> dict | None:
+    """The verification record (None with --no-verify), checked on the staged files."""
+    if not plan.opts.verify:
+        return None
+    ref = tmp / MERGED if plan.keep_merged else Path(manifest["reference"])
+    if built.hf_dir is None:
+        progress.note("LoRA-only export: the adapter file and the template are checked, not its outputs")
+    spec = built.spec
+    return verify_files(ref, tmp, built.files, template_ollama=spec.template if spec else None,
+                        system=spec.system if spec else None, progress=progress)
+
+
+def _write_records(plan: _Plan, tmp: Path, built: _Built, manifest: dict) -> None:
+    """Drop merged/ unless kept, then write README.md and export.json (sizes included)."""
+    from tunefix.export import ollama
+
+    if built.hf_dir is not None and not plan.keep_merged and (tmp / MERGED).exists():
+        shutil.rmtree(tmp / MERGED)
+    files = built.files
+    for f in files:
+        f["size"] = file_size(tmp / f["path"])
+    manifest["files"] = files
+    readme = ollama.readme_text(
+        safe_name(plan.name), files=[(f["path"], f["type"]) for f in files],
+        modelfile="Modelfile" if built.spec else None, gguf_from=built.modelfile_from,
+        merged=plan.keep_merged, lora=[f["path"] for f in files if f["kind"] in ("lora-gguf", "peft-adapter")],
+        source=str(plan.src.path))
+    write_text(tmp / "README.md", readme)
+    write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    for p in (tmp / "README.md", tmp / MANIFEST, tmp / "Modelfile"):
+        if p.exists():
+            os.chmod(p, 0o644)
 
 
 # ---------------------------------------------------------------------------- verify
@@ -436,13 +511,13 @@ def read_manifest(export_dir: str | os.PathLike) -> dict:
     return json.loads(f.read_text(encoding="utf-8"))
 
 
-def verify_export(export_dir: str | os.PathLike, stages: Stages | None = None) -> dict:
+def verify_export(export_dir: str | os.PathLike, progress: Reporter | None = None) -> dict:
     """Re-run the verification of a finished export (read-only); return the record."""
     from tunefix.export import ollama
 
     export_dir = Path(export_dir).expanduser().resolve()
     manifest = read_manifest(export_dir)
-    stages = stages or Stages()
+    progress = or_silent(progress)
     ref = manifest.get("reference")
     hf_dir = (export_dir / ref) if ref and not Path(ref).is_absolute() else Path(ref) if ref else None
     files = manifest.get("files", [])
@@ -459,92 +534,4 @@ def verify_export(export_dir: str | os.PathLike, stages: Stages | None = None) -
         template = parsed.get("TEMPLATE", [None])[0]
         system = parsed.get("SYSTEM", [system])[0]
     return verify_files(hf_dir or export_dir, export_dir, files, template_ollama=template, system=system,
-                        stages=stages)
-
-
-# ------------------------------------------------------------------------------- CLI
-
-
-class RichStages(Stages):
-    """One line per stage: a spinner while it runs, then a tick and its duration."""
-
-    def __init__(self, console):
-        self.console = console
-
-    @contextlib.contextmanager
-    def stage(self, label: str) -> Iterator[None]:
-        start = time.monotonic()
-        try:
-            with self.console.status(f"{label} ...", spinner="dots"):
-                yield
-        except BaseException:
-            self.console.print(f"[red]✗[/] {label}", highlight=False)
-            raise
-        self.console.print(f"[green]✓[/] {label} [dim]({time.monotonic() - start:.1f}s)[/]", highlight=False)
-
-    def note(self, text: str) -> None:
-        self.console.print(f"  [dim]{text}[/]", highlight=False)
-
-
-def result_table(export_dir: Path, files: Sequence[dict], verification: dict | None):
-    from rich.table import Table
-
-    table = Table(title=str(export_dir), title_justify="left")
-    for col in ("file", "type", "size", "verification"):
-        table.add_column(col, overflow="fold")
-    vf = (verification or {}).get("files", {})
-    for f in files:
-        size = f.get("size")
-        if size is None and (export_dir / f["path"]).exists():
-            size = _size(export_dir / f["path"])
-        if verification is None:
-            cell = "not verified"
-        elif f["kind"] == "modelfile" and verification.get("template"):
-            c = verification["template"]
-            cell = f"template {'ok' if c['ok'] else 'FAIL'} ({c['summary']})"
-        else:
-            cell = summarize(vf.get(f["path"]))
-        table.add_row(f["path"], f["type"], human_size(size or 0), cell)
-    return table
-
-
-def run_export(args) -> int:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    opts = ExportOptions(gguf=_split(args.gguf), ollama=args.ollama, merged=args.merged, lora_only=args.lora_only,
-                         verify=not args.no_verify, force=args.force, dtype=args.dtype, name=args.name)
-    result = export(args.source, args.out, opts, RichStages(console))
-    Console().print(result_table(result.out, result.manifest["files"], result.manifest.get("verification")))
-    print(f"conversions HF -> GGUF: {result.conversions}; manifest: {result.out / MANIFEST}")
-    return _verdict(result.manifest.get("verification"))
-
-
-def _verdict(v: dict | None) -> int:
-    """Exit status 1 and one line when a check failed or a file could not be verified."""
-    if v is None or v["ok"]:
-        return 0
-    what = "not verified" if v.get("not_verified") else "verification failed"
-    print(f"tunefix: error: {what}: {v['first_error']}", file=sys.stderr)
-    return 1
-
-
-def run_verify(args) -> int:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    export_dir = Path(args.export_dir).expanduser().resolve()
-    v = verify_export(export_dir, RichStages(console))
-    manifest = read_manifest(export_dir)
-    Console().print(result_table(export_dir, manifest["files"], v))
-    if args.json:
-        print(json.dumps(v, indent=1, default=str))
-    return _verdict(v)
-
-
-def _split(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    if value.strip().lower() in ("", "none"):
-        return []
-    return [t.strip() for t in value.split(",") if t.strip()]
+                        progress=progress)

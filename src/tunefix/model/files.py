@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefix.errors import TunefixError
-from tunefix.families import GGUF_ARCHES, SUPPORTED
+from tunefix.families import GGUF_ARCHES, SUPPORTED, family_of
 
 # ---------------------------------------------------------------------- families
 
@@ -204,11 +204,15 @@ _GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
-def gguf_architecture(file: Path, max_keys: int = 64) -> str | None:
-    """``general.architecture`` read from the GGUF header alone (no tensor data, no vocab).
+_GGUF_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    gguf-py's reader parses every key first (16 s on a 151k vocab); the architecture is by
-    convention the first key, so a few reads suffice. None when it cannot be found.
+
+def gguf_header_values(file: Path, wanted: set[str], max_keys: int = 512) -> dict[str, Any]:
+    """The scalar and string values of ``wanted`` keys, read from the GGUF header alone (no
+    tensor data; arrays such as the vocabulary are skipped by seeking).
+
+    gguf-py's reader parses every key first (16 s on a 151k vocab). Stops when every wanted
+    key is found; an unreadable header gives what was read before it.
     """
     import struct
 
@@ -218,39 +222,52 @@ def gguf_architecture(file: Path, max_keys: int = 64) -> str | None:
             raise EOFError
         return data
 
-    def skip(f, vtype: int) -> None:
+    def value(f, vtype: int, keep: bool):
         if vtype in _GGUF_SCALARS:
-            read(f, _GGUF_SCALARS[vtype])
-        elif vtype == _GGUF_STRING:
-            f.seek(struct.unpack("<Q", read(f, 8))[0], 1)
-        elif vtype == _GGUF_ARRAY:
+            raw = read(f, _GGUF_SCALARS[vtype])
+            return struct.unpack(_GGUF_FORMATS[vtype], raw)[0] if keep else None
+        if vtype == _GGUF_STRING:
+            n = struct.unpack("<Q", read(f, 8))[0]
+            if keep:
+                return read(f, min(n, 1 << 20)).decode("utf-8", "replace")
+            f.seek(n, 1)
+            return None
+        if vtype == _GGUF_ARRAY:
             etype, count = struct.unpack("<IQ", read(f, 12))
             if etype in _GGUF_SCALARS:
                 f.seek(_GGUF_SCALARS[etype] * count, 1)
             else:
                 for _ in range(count):
-                    skip(f, etype)
-        else:
-            raise ValueError(vtype)
+                    value(f, etype, False)
+            return None
+        raise ValueError(vtype)
 
+    found: dict[str, Any] = {}
     try:
         with open(file, "rb") as f:
             if read(f, 4) != b"GGUF":
-                return None
+                return found
             _version, _tensors, n_kv = struct.unpack("<IQQ", read(f, 20))
             for _ in range(min(n_kv, max_keys)):
                 key_len = struct.unpack("<Q", read(f, 8))[0]
                 if key_len > 65536:
-                    return None
-                key = read(f, key_len)
-                vtype = struct.unpack("<I", read(f, 4))[0]
-                if key == b"general.architecture" and vtype == _GGUF_STRING:
-                    n = struct.unpack("<Q", read(f, 8))[0]
-                    return read(f, min(n, 256)).decode("utf-8", "replace")
-                skip(f, vtype)
+                    return found
+                key = read(f, key_len).decode("utf-8", "replace")
+                got = value(f, struct.unpack("<I", read(f, 4))[0], key in wanted)
+                if key in wanted and got is not None:
+                    found[key] = got
+                    if len(found) == len(wanted):
+                        break
     except (OSError, EOFError, ValueError, struct.error):
-        return None
-    return None
+        pass
+    return found
+
+
+def gguf_architecture(file: Path, max_keys: int = 64) -> str | None:
+    """``general.architecture`` from the GGUF header (by convention its first key); None when
+    it cannot be found."""
+    arch = gguf_header_values(file, {"general.architecture"}, max_keys).get("general.architecture")
+    return arch if isinstance(arch, str) else None
 
 
 def check_gguf_architecture(file: Path) -> str:
@@ -306,6 +323,31 @@ def _read_gguf(path: Path, dtype):
                                                                              gguf_file=path.name)
 
 
+# GGUF keys transformers 5.24's GGUF loader does not map into the config although the tensor
+# shapes depend on them: without them it builds the default-shaped model and refuses the file
+# (measured: Qwen3's head_dim 64 read as hidden/heads, the experts' width as the dense one).
+# config field -> GGUF key under the architecture's prefix
+_GGUF_CONFIG_GAPS = {"head_dim": "attention.key_length", "moe_intermediate_size": "expert_feed_forward_length"}
+
+
+def gguf_config(path: Path):
+    """The transformers config of a GGUF, with the shape keys its loader leaves out."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    arch = gguf_architecture(path)
+    keys = {f"{arch}.{k}": name for name, k in _GGUF_CONFIG_GAPS.items() if hasattr(config, name)}
+    for key, value in gguf_header_values(path, set(keys)).items():
+        setattr(config, keys[key], int(value))
+    family = family_of(config.model_type)
+    if hasattr(config, "query_pre_attn_scalar") and family is not None \
+            and config.num_hidden_layers != family.layers_27b:
+        # Gemma 2/3: the GGUF has no such key; llama.cpp scales attention by head_dim ** -0.5
+        # (the 27B models aside), so the model read back must too (export/gguf_arch.py).
+        config.query_pre_attn_scalar = config.head_dim
+    return config
+
+
 def dequantized_gguf_model(path: Path, dtype):
     """A GGUF checkpoint as an ordinary (savable, trainable) transformers model.
 
@@ -315,7 +357,8 @@ def dequantized_gguf_model(path: Path, dtype):
     """
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                  config=gguf_config(path))
     config = loaded.config
     if hasattr(config, "quantization_config"):  # dequantised: plain tensors now
         del config.quantization_config

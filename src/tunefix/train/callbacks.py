@@ -1,5 +1,5 @@
-"""Trainer callbacks: a rich progress bar with a live loss line, the metrics log, and a
-stop on a NaN/Inf loss."""
+"""Trainer callbacks: the steps and a live loss line for a ``tunefix.progress.Reporter``,
+the metrics log, and a stop on a NaN/Inf loss."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from tunefix.progress import Reporter
 
 
 class LossLog(TrainerCallback):
@@ -63,47 +65,34 @@ class NonFiniteStop(TrainerCallback):
             control.should_training_stop = True
 
 
-class RichProgress(TrainerCallback):
-    """One progress bar for the run, its description the live loss line."""
+def status_line(logs: dict) -> str:
+    """The live line of a training log: loss, learning rate, gradient norm, tokens per second."""
+    parts = [f"loss {logs['loss']:.4f}"]
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.2e}")
+    if logs.get("grad_norm") is not None:
+        parts.append(f"grad {logs['grad_norm']:.2f}")
+    if logs.get("tokens_per_second"):
+        parts.append(f"{logs['tokens_per_second']:.0f} tok/s")
+    return " | ".join(parts)
 
-    def __init__(self, console=None):
-        self.console = console
-        self.progress = None
-        self.task = None
+
+class ReportProgress(TrainerCallback):
+    """The run's steps as counted progress (``advance(step, max_steps, status_line)``); the
+    reporter draws it (a bar in the terminal), this callback knows nothing of rendering."""
+
+    def __init__(self, progress: Reporter):
+        self.progress = progress
+        self.detail = ""  # the last status line, kept between logs
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.description}"), console=self.console, transient=False)
-        self.progress.start()
-        self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step)
+        self.progress.advance(state.global_step, state.max_steps, self.detail)  # a resumed run starts part-way
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
+        self.progress.advance(state.global_step, state.max_steps, self.detail)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs or "loss" not in logs:
+        if not logs or "loss" not in logs:
             return
-        parts = [f"loss {logs['loss']:.4f}"]
-        if "learning_rate" in logs:
-            parts.append(f"lr {logs['learning_rate']:.2e}")
-        if logs.get("grad_norm") is not None:
-            parts.append(f"grad {logs['grad_norm']:.2f}")
-        if logs.get("tokens_per_second"):
-            parts.append(f"{logs['tokens_per_second']:.0f} tok/s")
-        self.progress.update(self.task, description=" | ".join(parts))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.close()
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.detail = status_line(logs)
+        self.progress.advance(state.global_step, state.max_steps, self.detail)

@@ -8,7 +8,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from tunefix.errors import TunefixError
 
@@ -34,39 +34,53 @@ class RunConfig:
     system: str | None = None
     """system prompt added to every conversation"""
     max_seq_length: int = 2048
-    method: str = "lora"
+    """longest training row in tokens; longer rows are truncated"""
+    method: Literal["lora", "full"] = "lora"
     """lora (adapters on a frozen base) or full (every weight trained; FSDP under torchrun)"""
     load_in_4bit: bool = False
+    """load the base weights in 4-bit NF4 (QLoRA; bitsandbytes, on CUDA or a CPU)"""
     lora_r: int = 16
+    """LoRA rank: the width of each adapter's two low-rank matrices"""
     lora_alpha: int | None = None
     """default 2 * lora_r"""
     lora_dropout: float = 0.0
+    """dropout on the LoRA path's input, in [0, 1)"""
     target_modules: list[str] | None = None
     """default: all of q, k, v, o, gate, up, down"""
     use_rslora: bool = False
+    """rank-stabilised LoRA: scale the update by lora_alpha / sqrt(lora_r) instead of / lora_r"""
     train_embeddings: bool = False
     """continued pretraining: train embed_tokens and lm_head in full"""
     embedding_learning_rate: float | None = None
     """default learning_rate / 10"""
     batch_size: int = 2
+    """rows per batch (per device)"""
     gradient_accumulation: int = 4
+    """batches per optimizer step (the effective batch is batch_size times this)"""
     learning_rate: float = 2e-4
+    """peak learning rate, in (0, 1]; linear warm-up, then linear decay"""
     epochs: float = 1.0
+    """passes over the training rows (fractions allowed); max_steps, when set, wins"""
     max_steps: int = -1
     """stop after this many optimizer steps (-1: run the epochs)"""
     warmup_steps: int = 5
+    """optimizer steps of linear learning-rate warm-up"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
     seed: int = 3407
+    """random seed of the weights' initialisation, the shuffling and the held-out split"""
     eval_fraction: float = 0.0
     """hold out this fraction of the rows for eval loss and accuracy"""
     eval_steps: int = 0
     """evaluate every N steps (0: at the end only)"""
     save_steps: int = 50
+    """write a checkpoint every N optimizer steps (resume continues from the newest)"""
     logging_steps: int = 1
+    """log loss and learning rate every N optimizer steps"""
     report_to: str = "auto"
     """where metrics go besides metrics.jsonl: auto (TensorBoard when installed, W&B when installed
     and logged in or WANDB_MODE=offline), none, or a list: tensorboard,wandb"""
-    gradient_checkpointing: str = "auto"
+    gradient_checkpointing: Literal["auto", "off", "on", "offload", "selective"] = "auto"
     """auto (selective on a CPU, on with CUDA), off, on, offload (layer inputs in CPU memory on
     CUDA) or selective (attention outputs kept: no attention recompute in the backward)"""
     fused_lora: bool = True
@@ -78,16 +92,17 @@ class RunConfig:
     padding_free: bool = True
     """the rows of a right-padded batch run in groups of similar length, each cut to its own
     longest row, so no padding is computed (same loss and gradients; one process only)"""
-    cpu_allocator: str = "auto"
+    cpu_allocator: Literal["auto", "default", "lean"] = "auto"
     """auto (lean where torch's huge pages are on, as ``tunefix train`` and ``tunefix demo`` set
     them; else default), default (glibc's malloc as is), or lean (on a CPU, glibc tuned for each
     forward and its heap for each backward: a fraction of the peak memory at about the same
     speed with huge pages; slower forwards without them)"""
-    loss: str = "chunked"
+    loss: Literal["chunked", "fused", "reference"] = "chunked"
     """chunked (never materialises the full logits; a Triton kernel per chunk on CUDA), fused
     (insists on that kernel) or reference"""
     packing: bool = False
-    precision: str = "auto"
+    """pack several rows into each max_seq_length sequence (no row attends to its neighbours)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto (bf16 where the hardware has it), bf16 or fp32"""
     resume: bool = False
     """continue from the last checkpoint in output_dir"""
@@ -97,7 +112,7 @@ class RunConfig:
     """load pickle weights (.bin/.pt; with torch's weights_only=True); off: safetensors only"""
     limit_rows: int | None = None
     """use only the first N rows of the data (quick runs)"""
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, metadata={"cli": False})
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -121,13 +136,10 @@ class RunConfig:
             raise TunefixError(f"{o('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.eval_fraction < 1:
             raise TunefixError(f"{o('eval_fraction')} must be in [0, 1), got {self.eval_fraction}")
-        if self.gradient_checkpointing not in ("auto", "off", "on", "offload", "selective"):
-            raise TunefixError(f"{o('gradient_checkpointing')} must be auto, off, on, offload or selective, "
-                               f"got {self.gradient_checkpointing!r}")
-        if self.cpu_allocator not in ("auto", "default", "lean"):
-            raise TunefixError(f"{o('cpu_allocator')} must be auto, default or lean, got {self.cpu_allocator!r}")
-        if self.method not in ("lora", "full"):
-            raise TunefixError(f"{o('method')} must be lora or full, got {self.method!r}")
+        for name, choices in CHOICES.items():  # the Literal fields: method, loss, precision...
+            if getattr(self, name) not in choices:
+                raise TunefixError(f"{o(name)} must be {', '.join(choices[:-1])} or {choices[-1]}, "
+                                   f"got {getattr(self, name)!r}")
         if self.method == "full" and self.load_in_4bit:
             raise TunefixError(f"{o('method')} full cannot train 4-bit weights",
                                f"Use {o('method')} lora with {o('load_in_4bit')} (QLoRA), or drop "
@@ -136,10 +148,6 @@ class RunConfig:
         if self.report_to not in ("auto", "none") and (not reporters or set(reporters) - {"tensorboard", "wandb"}):
             raise TunefixError(f"{o('report_to')} must be auto, none or a list of tensorboard and wandb, "
                                f"got {self.report_to!r}")
-        if self.loss not in ("chunked", "fused", "reference"):
-            raise TunefixError(f"{o('loss')} must be chunked, fused or reference")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise TunefixError(f"{o('precision')} must be auto, bf16 or fp32")
         for name in ("warmup_steps", "eval_steps", "weight_decay"):
             if getattr(self, name) < 0:
                 raise TunefixError(f"{o(name)} must be zero or more, got {getattr(self, name)}")
@@ -155,6 +163,9 @@ class RunConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "extra"}
+CHOICES = {name: get_args(hint) for name, hint in get_type_hints(RunConfig).items()
+           if get_origin(hint) is Literal}
+"""Each choice field's allowed values, in order (from its ``Literal`` annotation)."""
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -162,6 +173,8 @@ def _coerce(name: str, value: Any) -> Any:
     text = str(hint)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in text):
         return None
+    if get_origin(hint) is Literal:  # a choice: validate() names the allowed values
+        return str(value)
     try:
         if "list" in text:
             return value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]

@@ -70,11 +70,6 @@ def out_of_memory_as_error(cfg: RunConfig, trainer, run_dir: Path, created: Path
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        from tunefix.train.callbacks import RichProgress
-
-        for cb in trainer.callback_handler.callbacks:  # Trainer skips on_train_end on an exception
-            if isinstance(cb, RichProgress):
-                cb.close()
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.empty_cache()
