@@ -224,8 +224,8 @@ def test_phi3_sliding_window_and_fused_projections(tmp_path):
 def test_smollm3_nope_layers_llama_cpp_would_place_elsewhere(tmp_path):
     """llama.cpp's SmolLM3 skips RoPE on every 4th layer whatever the config says."""
     assert examine(tiny.tiny_model("smollm3")).get("nope-layers-differ-in-gguf") is None
-    f = examine(_with_config(tmp_path, "smollm3", no_rope_layers=[1, 0])).get("nope-layers-differ-in-gguf")
-    assert f is not None and f.severity == "warning" and f.evidence["llama_cpp"] == [1, 1], f
+    f = examine(_with_config(tmp_path, "smollm3", no_rope_layers=[1, 0, 1, 0])).get("nope-layers-differ-in-gguf")
+    assert f is not None and f.severity == "warning" and f.evidence["llama_cpp"] == [1, 1, 1, 0], f
 
 
 # ---------------------------------------------------------------- no false positives

@@ -100,3 +100,17 @@ def test_full_fine_tuning_in_each_family(name, tmp_path):
     assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed), changed[:6]
     model, _, _, loaded = load_run(run)
     assert loaded.method == "full" and not hasattr(model, "peft_config")
+
+
+def test_a_changed_record_rebuilds_its_tiny_model():
+    """The cached tiny model is keyed by what its record says (a stale SmolLM3 with the old
+    NoPE interval once survived a record change)."""
+    import dataclasses
+
+    from tunefix import tiny
+
+    spec = FAMILIES["smollm3"].tiny
+    changed = dataclasses.replace(spec, config={**spec.config, "no_rope_layer_interval": 2})
+    assert tiny._spec_digest(changed) != tiny._spec_digest(spec)
+    assert tiny._spec_digest(dataclasses.replace(spec, template="chatml")) == tiny._spec_digest(spec)
+    assert tiny.tiny_model("smollm3").name.endswith("-l4-s0")  # its record's 4 layers: one NoPE layer

@@ -23,6 +23,7 @@ class Tiny:
     config_class: str
     config: dict = field(default_factory=dict)
     template: str = "chatml"  # a registry template its tokenizer can train on (tests train with it)
+    layers: int = 2  # more where a family's quirk needs them (SmolLM3's NoPE: every 4th layer)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            stop_texts=("<|im_end|>", "<|endoftext|>")),
     Family("smollm3", ("smollm3",), "smollm3",
            Tiny("llama-bpe", tied=True, config_class="SmolLM3Config",
-                config={"rope_theta": 2000000.0, "no_rope_layer_interval": 4}, template="llama-3"),
+                config={"rope_theta": 2000000.0, "no_rope_layer_interval": 4}, template="llama-3", layers=4),
            nope_every=4, stop_texts=("<|im_end|>", "<|end_of_text|>", "<|eot_id|>")),
     Family("phi3", ("phi3",), "phi3",
            Tiny("phi-3", tied=False, config_class="Phi3Config", config={"sliding_window": 2048}, template="phi-3"),

@@ -10,6 +10,7 @@ read by transformers 5.24 (see design.md), and the Gemma checks are about the co
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _config(spec: Tiny, vocab_size: int, hidden: int, layers: int, tok):
     return getattr(tf, spec.config_class)(**common, **spec.config)
 
 
-def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int | None = None, seed: int = 0) -> Path:
     """Write a tiny random model of ``family`` with its real tokenizer into ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,6 +54,7 @@ def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int = 2, se
     if hidden % 256:
         raise TunefixError(f"hidden size {hidden} is not a multiple of 256 (llama.cpp K-quants need it)")
     spec = FAMILIES[family]
+    layers = layers or spec.layers
     tok = AutoTokenizer.from_pretrained(str(assets.tokenizer(spec.tokenizer)))
     torch.manual_seed(seed)
     config = _config(spec, len(tok), hidden, layers, tok)
@@ -78,13 +80,24 @@ def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int = 2, se
     return out
 
 
-def tiny_model(family: str, *, hidden: int = 256, layers: int = 2, seed: int = 0) -> Path:
-    """A cached tiny model directory (built on first use, checked by manifest after)."""
+def _spec_digest(spec: Tiny) -> str:
+    """What the built model depends on: a changed family record rebuilds its cached tiny model."""
+    key = repr((spec.tokenizer, spec.tied, spec.config_class, sorted(spec.config.items())))
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def tiny_model(family: str, *, hidden: int = 256, layers: int | None = None, seed: int = 0) -> Path:
+    """A cached tiny model directory (built on first use, checked by manifest after; rebuilt
+    when the family's record changes). ``layers`` defaults to the family's own."""
     from tunefix import assets
 
+    if family not in FAMILIES:
+        raise TunefixError(f"unknown tiny family {family!r}", f"Choose one of {', '.join(FAMILIES)}")
+    spec = FAMILIES[family]
+    layers = layers or spec.layers
     name = f"tiny-{family}-h{hidden}-l{layers}-s{seed}"
     return assets.cached_dir(name, lambda tmp: build_tiny(family, tmp, hidden=hidden, layers=layers,
-                                                          seed=seed), version="4")
+                                                          seed=seed), version=f"4-{_spec_digest(spec)}")
 
 
 def fetch_tiny(progress: Reporter | None = None) -> dict[str, Path]:
