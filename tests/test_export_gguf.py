@@ -250,8 +250,7 @@ def _transformers_reads(family: str) -> bool:
 
     from tunefix.families import FAMILIES
 
-    arch = FAMILIES[family].gguf_arch
-    return arch in GGUF_CONFIG_MAPPING or arch.replace("moe", "_moe") in GGUF_CONFIG_MAPPING
+    return FAMILIES[family].model_types[0] in GGUF_CONFIG_MAPPING
 
 
 @pytest.mark.slow

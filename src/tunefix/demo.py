@@ -50,7 +50,7 @@ def demo_config(*, model: str | None = None, data: str | None = None, merge: str
 
     cfg = load_config(str(TITANIC_CONFIG))
     if data is not None:  # the user's table: the Titanic columns mean nothing there
-        cfg.data, cfg.merge, cfg.output = data, merge, answer
+        cfg.data, cfg.merge, cfg.output = data, None, None
     cfg.merge, cfg.output = merge or cfg.merge, answer or cfg.output
     cfg.model, cfg.template = model or str(assets.smollm2()), template
     cfg.output_dir, cfg.max_steps, cfg.limit_rows = str(free_dir(Path(output))), steps, rows

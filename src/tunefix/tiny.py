@@ -30,6 +30,12 @@ STOP_IDS = {
 }
 
 
+def _spec(family: str) -> Tiny:
+    if family not in FAMILIES:
+        raise TunefixError(f"unknown tiny family {family!r}", f"Choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
 def _config(spec: Tiny, vocab_size: int, hidden: int, layers: int, tok):
     import transformers as tf
 
@@ -49,11 +55,9 @@ def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int | None 
 
     from tunefix import assets
 
-    if family not in FAMILIES:
-        raise TunefixError(f"unknown tiny family {family!r}", f"Choose one of {', '.join(FAMILIES)}")
+    spec = _spec(family)
     if hidden % 256:
         raise TunefixError(f"hidden size {hidden} is not a multiple of 256 (llama.cpp K-quants need it)")
-    spec = FAMILIES[family]
     layers = layers or spec.layers
     tok = AutoTokenizer.from_pretrained(str(assets.tokenizer(spec.tokenizer)))
     torch.manual_seed(seed)
@@ -91,9 +95,7 @@ def tiny_model(family: str, *, hidden: int = 256, layers: int | None = None, see
     when the family's record changes). ``layers`` defaults to the family's own."""
     from tunefix import assets
 
-    if family not in FAMILIES:
-        raise TunefixError(f"unknown tiny family {family!r}", f"Choose one of {', '.join(FAMILIES)}")
-    spec = FAMILIES[family]
+    spec = _spec(family)
     layers = layers or spec.layers
     name = f"tiny-{family}-h{hidden}-l{layers}-s{seed}"
     return assets.cached_dir(name, lambda tmp: build_tiny(family, tmp, hidden=hidden, layers=layers,

@@ -85,16 +85,14 @@ def chat_template(tok):
     return template_of(tok) or tok.chat_template
 
 
-def _renderable(tok, template, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """``messages``, or without the system message when the template refuses one."""
-    from tunefix.templates import policy
-
+def _system_optional(fn, messages: Sequence[dict[str, str]]):
+    """``fn(messages)``, or ``fn`` of the messages without the system message when the template
+    refuses one (the conversations here are generic; some families have no system turn)."""
     try:
-        policy.render(tok, template, messages)
-        return list(messages)
+        return fn(list(messages))
     except TunefixError as e:
         if messages and messages[0]["role"] == "system":
-            return _renderable(tok, template, messages[1:])
+            return _system_optional(fn, messages[1:])
         raise TunefixError(f"the chat template failed to render a conversation: {e}") from e
 
 
@@ -103,8 +101,8 @@ def render(tok, messages: Sequence[dict[str, str]], add_generation_prompt: bool 
     from tunefix.templates import policy
 
     template = template or chat_template(tok)
-    return policy.render(tok, template, _renderable(tok, template, messages),
-                         add_generation_prompt=add_generation_prompt)
+    return _system_optional(lambda m: policy.render(tok, template, m, add_generation_prompt=add_generation_prompt),
+                            messages)
 
 
 def starts_with_bos(tok, text: str) -> bool:
@@ -138,7 +136,7 @@ def prompt_ids(tok, template=None) -> list[list[int]]:
     from tunefix.templates import policy
 
     template = template or chat_template(tok)
-    return [policy.prompt_ids(tok, template, _renderable(tok, template, c)) for c in CONVERSATIONS]
+    return [_system_optional(lambda m: policy.prompt_ids(tok, template, m), c) for c in CONVERSATIONS]
 
 
 # ------------------------------------------------------------------- tokenisation
