@@ -227,6 +227,34 @@ def llama_cpp_source() -> Path:
     return cached_dir("llama.cpp-0.3.36", build)
 
 
+def chat_templates() -> Path:
+    """The real chat templates of many model families that llama.cpp keeps for its own tests
+    (``models/templates/*.jinja`` in the pinned sdist): the reference every registry entry of
+    those families is tested against. One directory, extracted once."""
+
+    def build(tmp: Path) -> None:
+        prefix = _SDIST_ROOT + "models/templates/"
+        with tarfile.open(download(LLAMA_CPP_SDIST)) as t:
+            for m in t.getmembers():
+                if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".jinja"):
+                    src = t.extractfile(m)
+                    assert src is not None
+                    with src:
+                        (tmp / m.name[len(prefix):]).write_bytes(src.read())
+
+    return cached_dir("llama.cpp-0.3.36-templates", build)
+
+
+def chat_template(name: str) -> str:
+    """One real chat template by its file name in llama.cpp's collection, e.g.
+    ``"Qwen-Qwen3-0.6B"`` (the ``.jinja`` suffix optional)."""
+    path = chat_templates() / (name if name.endswith(".jinja") else name + ".jinja")
+    if not path.is_file():
+        raise TunefixError(f"no real chat template named {name!r}",
+                           f"Choose one of the files in {chat_templates()}")
+    return path.read_text(encoding="utf-8")
+
+
 # ------------------------------------------------------------------ Hugging Face builds
 
 
