@@ -17,7 +17,8 @@ context-length figure are about the same training code:
   ``--checkpointing`` picks another mode for the tunefix side.
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct, real weights), ``tiny128k`` (hidden 256,
-2 layers, the real 128k Llama 3 vocabulary) and ``llama3-8b`` (Llama-3-8B's shapes,
+2 layers, the real 128k Llama 3 vocabulary), ``tiny-qwen3-moe`` and ``tiny-qwen3.5`` (the tiny
+test models of those families: MoE experts, Gated DeltaNet linear attention) and ``llama3-8b`` (Llama-3-8B's shapes,
 random weights, random token ids: no checkpoint or tokenizer needed, so it runs on a bare
 GPU machine; ``--layers``/``--hidden`` scale it down for CPU checks).
 """
@@ -32,7 +33,9 @@ from pathlib import Path
 SEED = 0
 LR = 2e-4
 TITANIC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "titanic.csv"
-MODELS = ("smollm2", "tiny128k", "llama3-8b")
+MODELS = ("smollm2", "tiny128k", "tiny-qwen3-moe", "tiny-qwen3.5", "llama3-8b")
+# The tiny models of families with their own layer kinds (tunefix.tiny): MoE experts, linear attention.
+TINY_FAMILIES = {"tiny128k": "llama", "tiny-qwen3-moe": "qwen3_moe", "tiny-qwen3.5": "qwen3_5"}
 SIDES = ("baseline", "tunefix")
 
 # Meta-Llama-3-8B's config.json (the dims and rope; weights random here).
@@ -117,10 +120,10 @@ def model_dir(name: str) -> Path:
         from tunefix import assets
 
         return assets.smollm2()
-    if name == "tiny128k":
+    if name in TINY_FAMILIES:  # hidden 256, the family's layers, its real vocabulary
         from tunefix.tiny import tiny_model
 
-        return tiny_model("llama")  # hidden 256, 2 layers, real Llama 3 vocabulary (128,256)
+        return tiny_model(TINY_FAMILIES[name])
     raise SystemExit(f"unknown model {name!r}")
 
 

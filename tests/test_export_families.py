@@ -70,10 +70,12 @@ def test_family_exports_and_passes_verification(family, runs, capsys):
 
     r = runs(family)
     out = r["root"] / "export"
-    rc = main(["export", str(r["run"]), "--out", str(out), "--gguf", "f16", "--ollama"])
+    # One conversion, two quantisations from it, each file verified in llama.cpp.
+    rc = main(["export", str(r["run"]), "--out", str(out), "--gguf", "f16,q8_0,q4_k_m", "--ollama"])
     err = capsys.readouterr().err
     v = json.loads((out / "export.json").read_text())["verification"]
     assert rc == 0 and v["ok"], v["first_error"]
+    assert sorted(v["files"]) == ["run-f16.gguf", "run-q4_k_m.gguf", "run-q8_0.gguf"]
     assert not _error_lines(err) and "Traceback" not in err
     checks = v["files"]["run-f16.gguf"]["checks"]
     tokens, logits, stops = checks["tokens"], checks["logits"], checks["stops"]
@@ -91,6 +93,13 @@ def test_family_exports_and_passes_verification(family, runs, capsys):
     assert ids == verify.hf_ids(tok, verify.render(tok, conv))
     if tok.bos_token_id is not None:
         assert ids[:2].count(tok.bos_token_id) <= 1 and ids.count(tok.bos_token_id) <= 1, ids[:4]
+
+    # `tunefix chat` on the run and on its f16 GGUF: the same greedy answer.
+    answers = []
+    for target in (r["run"], out / "run-f16.gguf"):
+        assert main(["chat", str(target), "--prompt", "Hello there", "--max-new-tokens", "8"]) == 0
+        answers.append(capsys.readouterr().out.strip())
+    assert answers[0] == answers[1], answers
     assert tree_digest(r["run"]) == r["before"]
 
 

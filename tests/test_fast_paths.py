@@ -91,6 +91,14 @@ def _loss_grads(model, batch):
     return value.detach(), grads
 
 
+def _plain_loss_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    value = model(**batch).loss
+    value.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return value.detach(), grads
+
+
 def _assert_same(a, b, rtol=1e-5, atol=1e-7):
     torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
     assert a[1].keys() == b[1].keys() and a[1]
@@ -150,6 +158,9 @@ def test_fast_paths_equal_the_reference_in_every_family(family):
     ref = _loss_grads(_lora_model(model_dir, "on"), batch)
     fast = _loss_grads(_lora_model(model_dir, "selective", fused=True), drop_padding_mask(batch))
     _assert_same(fast, ref, rtol=1e-4, atol=1e-6)
+    # And tunefix's loss (chunked lm_head + cross-entropy) equals plain transformers + PEFT:
+    # no checkpointing, the model's own ``loss`` (fp32, relative 1e-4).
+    _assert_same(ref, _plain_loss_grads(_lora_model(model_dir, "off"), batch), rtol=1e-4, atol=1e-6)
 
 
 class _CountOps(TorchDispatchMode):
