@@ -26,7 +26,8 @@ from tunefix.cli import main
 # record names the mistral template. The Gemma export path (converter, metadata fixes) is what
 # that family checks. Phi-3 and Gemma 2/3 export through test_export_gguf's conversions.
 FAMILIES = {f: tiny.FAMILIES[f].template for f in ("llama", "mistral", "qwen2", "gemma", "qwen3", "qwen3_moe",
-                                                     "smollm3")}
+                                                     "smollm3", "gpt_oss", "qwen3_5", "ministral3",
+                                                     "gemma4")}
 
 
 @pytest.fixture(scope="module")

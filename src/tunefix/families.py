@@ -42,6 +42,10 @@ class Family:
     # Texts that end a turn or the text in the family's models and templates: the doctor never
     # makes one of them the pad token (a pad is masked from the loss: the model would never stop).
     stop_texts: tuple[str, ...] = ()
+    # Packed rows stay apart only through the attention mask; a layer with recurrent state
+    # (linear attention) carries it from one packed row into the next (measured on the tiny
+    # Qwen3.5: the second row's logits off by up to 0.54). Such families train unpacked.
+    packs: bool = True
 
 
 # Gemma 2/3 scale attention by query_pre_attn_scalar ** -0.5. Real checkpoints set it to
@@ -59,6 +63,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            Tiny("llama-spm", tied=False, config_class="MistralConfig", config={"sliding_window": None},
                 template="mistral"),
            stop_texts=("</s>",)),
+    # Ministral 3 (text model): Mistral's layers with YaRN RoPE and Llama 4's attention
+    # temperature (llama_4_scaling_beta, over original_max_position_embeddings), both of which
+    # the converter requires. As in the real config (factor 16 over 16384 of 262144) but 16
+    # over 128, so that the tiny's 2048 positions are the scaled context. Tekken's 131k
+    # vocabulary, tied as in Ministral-3-3B: 33.6M of the tiny's 35M parameters.
+    Family("ministral3", ("ministral3",), "mistral3",
+           Tiny("tekken", tied=True, config_class="Ministral3Config",
+                config={"head_dim": 64, "rope_parameters": {
+                    "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                    "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}},
+                template="ministral-3"),
+           stop_texts=("</s>",)),
     Family("qwen2", ("qwen2",), "qwen2", Tiny("qwen2", tied=True, config_class="Qwen2Config", template="qwen-2.5"),
            stop_texts=("<|im_end|>", "<|endoftext|>")),
     Family("qwen3", ("qwen3",), "qwen3",
@@ -73,6 +90,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            Tiny("llama-bpe", tied=True, config_class="SmolLM3Config",
                 config={"rope_theta": 2000000.0, "no_rope_layer_interval": 4}, template="llama-3", layers=4),
            nope_every=4, stop_texts=("<|im_end|>", "<|end_of_text|>", "<|eot_id|>")),
+    # Qwen3.5: Gated DeltaNet (linear attention) layers with a full-attention layer every 4th
+    # (layer_types); 4 tiny layers hold both. llama.cpp reads one head width for the DeltaNet's
+    # keys and values (ssm.state_size), so they are equal here, as in every real checkpoint.
+    Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), "qwen35",
+           Tiny("qwen35", tied=True, config_class="Qwen3_5TextConfig",
+                config={"head_dim": 64, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+                        "linear_num_key_heads": 2, "linear_num_value_heads": 4}, layers=4),
+           stop_texts=("<|im_end|>", "<|endoftext|>"), packs=False),
     Family("phi3", ("phi3",), "phi3",
            Tiny("phi-3", tied=False, config_class="Phi3Config", config={"sliding_window": 2048}, template="phi-3"),
            fused=PHI3_FUSED, window_fix=(2047, 2048), stop_texts=("<|end|>", "<|endoftext|>")),
@@ -86,6 +111,33 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            Tiny("llama-spm", tied=True, config_class="Gemma3TextConfig",
                 config={**_GEMMA_TINY, "query_pre_attn_scalar": 64}, template="mistral"),
            tanh_gelu=True, layers_27b=62, stop_texts=_GEMMA_STOPS),
+    # Gemma 4 31B-style (the 26B-A4B whose vocab GGUF llama.cpp ships has the same attention):
+    # sliding layers with head_dim 64, the full layer with its own head_dim and KV heads, keys
+    # reused as values there (attention_k_eq_v), logits softcapped at 30. Its real 262k
+    # vocabulary (tied: 67M of the tiny's 68M parameters, 137 MB in bf16). No per-layer
+    # embeddings (E2B/E4B have them: 262144 x layers x 256 more parameters).
+    Family("gemma4", ("gemma4", "gemma4_text"), "gemma4",
+           Tiny("gemma-4", tied=True, config_class="Gemma4TextConfig",
+                config={"head_dim": 64, "global_head_dim": 128, "num_global_key_value_heads": 1,
+                        "attention_k_eq_v": True, "hidden_size_per_layer_input": 0,
+                        "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"},
+                template="alpaca"),
+           tanh_gelu=True, stop_texts=("<turn|>", "<eos>")),
+    # gpt-oss: MoE (4 tiny experts, top 2) with attention sinks and biases, sliding layers
+    # alternating with full ones, YaRN RoPE (factor 32 over 64 original positions, so that the
+    # tiny's 2048 positions are the scaled context as in the real 131072 / 4096). Real
+    # checkpoints keep experts in MXFP4; the tiny is bf16. <|end|> closes analysis messages
+    # and history turns: never a pad, never a stop (templates/harmony.py).
+    Family("gpt_oss", ("gpt_oss",), "gpt-oss",
+           Tiny("o200k-harmony", tied=False, config_class="GptOssConfig",
+                config={"head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 128,
+                        "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64,
+                                            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                            "rope_theta": 150000.0}},
+                # harmony's fixed system message alone is 61 tokens, beyond the family tests'
+                # 64-token rows; the gpt-oss template is tested in tests/test_gpt_oss.py
+                template="zephyr"),
+           stop_texts=("<|return|>", "<|call|>", "<|end|>")),
 )}
 
 SUPPORTED: tuple[str, ...] = tuple(t for f in FAMILIES.values() for t in f.model_types)

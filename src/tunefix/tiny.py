@@ -24,6 +24,7 @@ FAMILIES = {name: f.tiny for name, f in FAMILY_RECORDS.items()}  # family -> its
 
 STOP_IDS = {
     "qwen2": [151645, 151643],          # <|im_end|>, <|endoftext|> (Qwen2.5-Instruct)
+    "qwen35": [151645, 151643],         # the same tokens in the Qwen3.5 vocab file
     "phi-3": [32000, 32001, 32007],     # <|endoftext|>, <|assistant|>, <|end|> (Phi-3-mini)
     "llama-bpe": [128001],              # <|end_of_text|> (Llama 3 base)
     "llama-spm": [2],                   # </s>

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tunefix.commands.build import positional
 
@@ -15,10 +16,15 @@ class PreviewOptions:
     """input template over columns, e.g. "{sex}, {age}[[, deck {deck}]]" """
     output: str | None = None
     """the answer: a column name or a template such as {alive}"""
+    reasoning: str | None = None
+    """the answer's reasoning (thinking before it): a column name or a template such as {why}"""
     template: str | None = None
     """chat template: a registry name or a file (default: the model's own)"""
     model: str | None = None
     """model or tokenizer directory (default: the built-in SmolLM2)"""
+    train_turns: Literal["auto", "per-turn", "last"] = "auto"
+    """auto (every assistant turn, each in the context the template gives it at inference), per-turn
+    (one sequence per assistant turn) or last (only each row's last turn)"""
     rows: int = 3
     """rows to show"""
     format: str | None = None
@@ -38,27 +44,45 @@ class TemplatesOptions:
 
 
 def run_preview(opts: PreviewOptions) -> int:
-    from tunefix.data.preview import CLOSE, OPEN, marked_text, preview
+    from tunefix.data.preview import (
+        CLOSE,
+        OPEN,
+        THINK_CLOSE,
+        THINK_OPEN,
+        marked_text,
+        preview,
+        reasoning_note,
+    )
     from tunefix.data.tokenize import IGNORE
     from tunefix.errors import TunefixError
 
     if opts.rows < 0:
         raise TunefixError(f"--rows must be at least 0, got {opts.rows}")
-    p = preview(opts.file, fmt=opts.format, merge=opts.merge, output=opts.output, system=opts.system,
-                turns=opts.turns, template=opts.template, model=opts.model, max_seq_length=opts.max_seq_length)
+    p = preview(opts.file, fmt=opts.format, merge=opts.merge, output=opts.output, reasoning=opts.reasoning,
+                system=opts.system, turns=opts.turns, template=opts.template, model=opts.model,
+                max_seq_length=opts.max_seq_length, train_turns=opts.train_turns)
     print(f"format: {p.format}   template: {p.template.name if p.template else '(raw text)'}   "
-          f"rows: {len(p.rows)}   trained part between {OPEN} {CLOSE}")
+          f"rows: {len(p.rows)}   trained part between {OPEN} {CLOSE}, reasoning between {THINK_OPEN} {THINK_CLOSE}")
+    if p.history_line():
+        print(f"turns: {p.history_line()}")
     for i in range(min(opts.rows, len(p.rows))):
-        text, spans = p.rendered(i)
-        print(f"--- row {i + 1}")
-        print(marked_text(text, spans))
-        if i < len(p.done.rows):
-            ids = p.done.rows[i]["input_ids"]
-            trained = sum(x != IGNORE for x in p.done.rows[i]["labels"])
-            print(f"--- {len(ids)} tokens, {trained} trained")
+        kept = [p.done.rows[k] for k, n in enumerate(p.done.source) if n == i]
+        renderings = p.renderings(i)
+        for j, r in enumerate(renderings):
+            print(f"--- row {i + 1}" + (f", sequence {j + 1} of {len(renderings)}" if len(renderings) > 1 else ""))
+            print(marked_text(r.text, r.spans, r.reasoning))
+            note = reasoning_note(r.spans, r.reasoning, r.reasoning_dropped)
+            if note:
+                print(f"--- {note}")
+            # Each sequence's counts under it (a dropped sequence leaves them unpaired: all at the end).
+            if len(kept) == len(renderings) or j == len(renderings) - 1:
+                for row in kept[j:j + 1] if len(kept) == len(renderings) else kept:
+                    trained = sum(x != IGNORE for x in row["labels"])
+                    print(f"--- {len(row['input_ids'])} tokens, {trained} trained")
     lengths = [len(r["input_ids"]) for r in p.done.rows]
     longest = max(lengths) if lengths else 0
-    print(f"total: {len(p.done.rows)} rows kept, {p.done.truncated} truncated to {opts.max_seq_length}, "
+    kept = "rows" if p.done.history == "whole" else f"sequences (from {len(p.rows)} rows)"
+    print(f"total: {len(p.done.rows)} {kept} kept, {p.done.truncated} truncated to {opts.max_seq_length}, "
           f"{p.done.dropped} dropped (nothing left to train), longest {longest} tokens")
     return 0
 

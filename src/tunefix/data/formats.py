@@ -2,7 +2,10 @@
 
 Every format becomes a list of ``{"role", "content"}`` messages (roles ``system``, ``user``,
 ``assistant``), contents stripped of surrounding whitespace once, here, so that templates
-need not trim (Ollama cannot). Raw text for continued pretraining stays ``{"text": ...}``.
+need not trim (Ollama cannot). An assistant message may also carry ``reasoning`` (its
+thinking before the answer), read from ``reasoning`` or the spellings datasets and chat
+APIs use (``reasoning_content``, ``thinking``); the token policy hands it to templates
+under the names they read. Raw text for continued pretraining stays ``{"text": ...}``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 _EXPECTED = ("openai (messages: [{role, content}]), sharegpt (conversations: [{from, value}]), "
              "alpaca (instruction, [input], output), prompt-completion (prompt, completion), "
              "text (text), or a table with --merge/--output")
+
+# The keys a message's reasoning is found under, first non-empty wins: ``reasoning`` is
+# tunefix's own (and OpenRouter's), ``reasoning_content`` DeepSeek's API and Qwen's templates,
+# ``thinking`` Ollama's messages and gpt-oss's template.
+REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
 
 Row = Mapping[str, Any]
 Conversation = list[dict[str, str]]
@@ -53,8 +61,16 @@ def detect_format(columns: Sequence[str], sample: Sequence[Row]) -> str | None:
     return None
 
 
-def _msg(role: str, content: Any) -> dict[str, str]:
-    return {"role": role, "content": "" if is_empty(content) else str(content).strip()}
+def _msg(role: str, content: Any, reasoning: Any = None) -> dict[str, str]:
+    """A standardised message; ``reasoning`` is kept on assistant messages when not empty."""
+    msg = {"role": role, "content": "" if is_empty(content) else str(content).strip()}
+    if role == "assistant" and not is_empty(reasoning):
+        msg["reasoning"] = str(reasoning).strip()
+    return msg
+
+
+def _reasoning(item: Mapping[str, Any]) -> Any:
+    return next((item[k] for k in REASONING_KEYS if not is_empty(item.get(k))), None)
 
 
 def _from_list(items: Sequence[Mapping[str, Any]], role_key: str, content_key: str,
@@ -70,7 +86,7 @@ def _from_list(items: Sequence[Mapping[str, Any]], role_key: str, content_key: s
         if role not in ("system", "user", "assistant"):
             raise TunefixError(f"unknown role {item.get(role_key)!r} in a conversation",
                                "Roles must be system, user or assistant (human/gpt for ShareGPT)")
-        out.append(_msg(role, item.get(content_key)))
+        out.append(_msg(role, item.get(content_key), _reasoning(item)))
     return out
 
 
@@ -94,8 +110,9 @@ def _prompt_completion(row: Row) -> Conversation:
 
 
 def converter(fmt: str, columns: Sequence[str], merge: str | None = None,
-              output: str | None = None) -> Callable[[Row], Conversation]:
-    """A function turning one row of format ``fmt`` into a conversation."""
+              output: str | None = None, reasoning: str | None = None) -> Callable[[Row], Conversation]:
+    """A function turning one row of format ``fmt`` into a conversation (``reasoning``: for a
+    table, the column or template that becomes the answer's reasoning)."""
     if fmt == "openai":
         return lambda row: _from_list(_conversation_column(row), "role", "content", None)
     if fmt == "sharegpt":
@@ -105,19 +122,22 @@ def converter(fmt: str, columns: Sequence[str], merge: str | None = None,
     if fmt == "prompt-completion":
         return _prompt_completion
     if fmt == "table":
-        return _table_converter(columns, merge, output)
+        return _table_converter(columns, merge, output, reasoning)
     raise TunefixError(f"unknown data format {fmt!r}", f"Choose one of {', '.join(FORMATS)}")
 
 
-def _table_converter(columns: Sequence[str], merge: str | None, output: str | None):
+def _table_converter(columns: Sequence[str], merge: str | None, output: str | None, reasoning: str | None):
     if output is None:
         raise TunefixError("a table needs --output: the column (or {template}) the model should answer",
                            f"Available columns: {', '.join(columns)}")
     out_t: MergeTemplate = output_template(output, columns)
+    why_t = output_template(reasoning, columns) if reasoning is not None else None
     if merge is None:
-        merge = default_merge([c for c in columns if c not in out_t.columns])
+        answer_columns = set(out_t.columns) | set(why_t.columns if why_t else ())
+        merge = default_merge([c for c in columns if c not in answer_columns])
     in_t = parse_merge(merge, columns)
-    return lambda row: [_msg("user", in_t.fill(row)), _msg("assistant", out_t.fill(row))]
+    return lambda row: [_msg("user", in_t.fill(row)),
+                        _msg("assistant", out_t.fill(row), why_t.fill(row) if why_t else None)]
 
 
 def with_system(conversation: Conversation, system: str | None) -> Conversation:

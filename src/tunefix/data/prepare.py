@@ -28,12 +28,16 @@ class Prepared:
     columns: list[str]
 
 
-def _format(ds, source: str | Path, fmt: str | None, merge: str | None, output: str | None) -> str:
+def _format(ds, source: str | Path, fmt: str | None, merge: str | None, output: str | None,
+            reasoning: str | None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
             raise TunefixError(f"unknown data format {fmt!r}", f"Choose one of {', '.join(FORMATS)}")
+        if reasoning is not None and fmt != "table":
+            raise TunefixError(f"--reasoning maps table columns; format {fmt} carries reasoning in its messages",
+                               "Give assistant messages a `reasoning` field, or drop --reasoning")
         return fmt
-    if merge is not None or output is not None:
+    if merge is not None or output is not None or reasoning is not None:
         return "table"
     found = detect_format(ds.column_names, ds.select(range(min(len(ds), 20))).to_list())
     if found is None:
@@ -43,19 +47,20 @@ def _format(ds, source: str | Path, fmt: str | None, merge: str | None, output: 
 
 
 def prepare(source: str | Path, *, fmt: str | None = None, merge: str | None = None,
-            output: str | None = None, system: str | None = None, turns: int = 1,
-            seed: int = 0, limit: int | None = None) -> Prepared:
-    """Load ``source`` and standardise its rows (``limit``: only the first rows)."""
+            output: str | None = None, reasoning: str | None = None, system: str | None = None,
+            turns: int = 1, seed: int = 0, limit: int | None = None) -> Prepared:
+    """Load ``source`` and standardise its rows (``limit``: only the first rows; ``reasoning``:
+    for a table, the column or template that becomes each answer's reasoning)."""
     ds = load_table(source)
     if limit is not None:
         ds = ds.select(range(min(limit * max(turns, 1), len(ds))))
-    fmt = _format(ds, source, fmt, merge, output)
+    fmt = _format(ds, source, fmt, merge, output, reasoning)
     if fmt == "text":
         if "text" not in ds.column_names:
             raise TunefixError(f"{source}: format text needs a 'text' column",
                                f"Columns: {', '.join(ds.column_names)}")
         return Prepared(fmt, "text", [str(t) for t in ds["text"] if t], ds.column_names)
-    convert = converter(fmt, ds.column_names, merge, output)
+    convert = converter(fmt, ds.column_names, merge, output, reasoning)
     conversations = [with_system(convert(row), system) for row in ds]
     if not any(m["role"] == "assistant" for c in conversations for m in c):
         raise TunefixError(f"{source}: no assistant turns found", "Check --format / --output")

@@ -11,6 +11,7 @@ from typing import Any
 from tunefix.errors import TunefixError
 
 OPEN, CLOSE = "⟦", "⟧"  # mark the trained part; visible without colours too
+THINK_OPEN, THINK_CLOSE = "⟪", "⟫"  # mark the reasoning, inside or outside the trained part
 
 
 def load_tokenizer(model: str | None) -> Any:
@@ -30,14 +31,28 @@ def load_tokenizer(model: str | None) -> Any:
                            "Give a model or tokenizer directory with --model") from e
 
 
-def marked_text(text: str, spans: list[tuple[int, int]]) -> str:
-    """``text`` with every trained span wrapped in ⟦ ⟧."""
+def marked_text(text: str, spans: list[tuple[int, int]], reasoning: list[tuple[int, int]] = ()) -> str:
+    """``text`` with every trained span wrapped in ⟦ ⟧ and every reasoning span in ⟪ ⟫."""
+    # (position, order, mark): at one position a span closes before the next one opens, and
+    # reasoning opens inside the trained span that starts there.
+    marks = sorted([(s, 1, OPEN) for s, _ in spans] + [(e, 0, CLOSE) for _, e in spans]
+                   + [(s, 2, THINK_OPEN) for s, _ in reasoning] + [(e, -1, THINK_CLOSE) for _, e in reasoning])
     out, pos = [], 0
-    for s, e in spans:
-        out += [text[pos:s], OPEN, text[s:e], CLOSE]
-        pos = e
+    for at, _, mark in marks:
+        out += [text[pos:at], mark]
+        pos = at
     return "".join(out + [text[pos:]])
 
+
+def reasoning_note(spans: list[tuple[int, int]], reasoning: list[tuple[int, int]], dropped: int) -> str:
+    """One line on the reasoning of a sequence: trained or not, dropped by the template ("" if none)."""
+    trained = sum(1 for a, b in reasoning if any(s <= a and b <= e for s, e in spans))
+    parts = [f"{trained} trained"] if trained else []
+    if len(reasoning) > trained:
+        parts.append(f"{len(reasoning) - trained} shown, not trained")
+    if dropped:
+        parts.append(f"{dropped} dropped by the template (not trained)")
+    return f"reasoning {THINK_OPEN} {THINK_CLOSE}: " + ", ".join(parts) if parts else ""
 
 
 @dataclass
@@ -52,17 +67,36 @@ class Preview:
     tokenizer: Any
 
     def rendered(self, i: int) -> tuple[str, list[tuple[int, int]]]:
-        from tunefix.data.tokenize import render_with_spans
+        """Row ``i``'s first sequence: its text and trained spans."""
+        r = self.renderings(i)[0]
+        return r.text, r.spans
+
+    def renderings(self, i: int) -> list:
+        """Row ``i`` as the sequences training makes of it (several where each assistant turn is
+        trained on its own, ``done.history``), each a ``data.tokenize.Rendering``."""
+        from tunefix.data.tokenize import Rendering, render_turns, sequences
 
         row = self.rows[i]
         if isinstance(row, str):
-            return row, [(0, len(row))]
-        return render_with_spans(self.tokenizer, self.template, row)
+            return [Rendering(row, [(0, len(row))], [])]
+        return [render_turns(self.tokenizer, self.template, messages, last_only=last_only)
+                for messages, last_only in sequences(row, self.done.history)]
+
+    def history_line(self) -> str:
+        """What ``done.history`` means for this data, in a sentence ("" for raw text)."""
+        if self.template is None:
+            return ""
+        return {"whole": "each row is one sequence, every assistant turn trained",
+                "per-turn": "each assistant turn is a sequence of its own, its history as the template "
+                            "renders it at inference (the template renders earlier turns otherwise: "
+                            "reasoning in history)",
+                "last": "only each row's last assistant turn is trained"}[self.done.history]
 
 
 def preview(file: str, *, fmt: str | None = None, merge: str | None = None, output: str | None = None,
-            system: str | None = None, turns: int = 1, template: str | None = None,
-            model: str | None = None, max_seq_length: int = 2048) -> Preview:
+            reasoning: str | None = None, system: str | None = None, turns: int = 1,
+            template: str | None = None, model: str | None = None, max_seq_length: int = 2048,
+            train_turns: str = "auto") -> Preview:
     """Load, render and tokenise ``file`` as training does (``model``: its tokenizer, the
     built-in SmolLM2 by default; ``template`` None: the model's own)."""
     import datasets
@@ -70,18 +104,22 @@ def preview(file: str, *, fmt: str | None = None, merge: str | None = None, outp
     from tunefix.data.prepare import prepare
     from tunefix.data.tokenize import tokenize_rows
     from tunefix.templates import template_for
+    from tunefix.templates.select import for_rows
 
     datasets.disable_progress_bars()  # keep stderr for the one-line errors
     for name, value, least in (("--turns", turns, 1), ("--max-seq-length", max_seq_length, 1)):
         if value < least:
             raise TunefixError(f"{name} must be at least {least}, got {value}")
     # The cheap checks first: the data and the template name, then the tokenizer.
-    prepared = prepare(file, fmt=fmt, merge=merge, output=output, system=system, turns=turns)
+    prepared = prepare(file, fmt=fmt, merge=merge, output=output, reasoning=reasoning, system=system,
+                       turns=turns)
     if template:
         from tunefix.templates import get_template
 
         get_template(template)
     tokenizer = load_tokenizer(model)
-    chat = template_for(tokenizer, template) if prepared.kind == "chat" else None
-    done = tokenize_rows(tokenizer, chat, prepared.rows, max_seq_length=max_seq_length)
+    chat = None
+    if prepared.kind == "chat":  # in the thinking mode training picks (train.rows.prepare_data)
+        chat = for_rows(tokenizer, template_for(tokenizer, template), prepared.rows, named=template is not None)
+    done = tokenize_rows(tokenizer, chat, prepared.rows, max_seq_length=max_seq_length, turns=train_turns)
     return Preview(prepared.format, chat, prepared.rows, done, tokenizer)

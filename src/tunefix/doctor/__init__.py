@@ -8,7 +8,17 @@ None; fixes live in ``doctor.fixes`` and are applied by ``apply_fixes`` (in memo
 
 from __future__ import annotations
 
-from tunefix.doctor import config, embeddings, template, tokenizer
+from tunefix.doctor import (
+    config,
+    embeddings,
+    history,
+    moe,
+    precision,
+    rope,
+    stops,
+    template,
+    tokenizer,
+)
 from tunefix.doctor.report import Finding, Report
 
 CHECKS = [
@@ -20,6 +30,8 @@ CHECKS = [
     template.eos_not_end_of_turn,
     template.no_end_of_turn,
     template.no_generation_prompt,
+    history.reasoning_in_history,
+    stops.stop_inside_answer,
     tokenizer.vocab_size_mismatch,
     embeddings.untrained_tokens,
     embeddings.template_untrained_token,
@@ -29,14 +41,23 @@ CHECKS = [
     config.sliding_window_off_by_one,
     config.nope_layers_differ_in_gguf,
     config.fused_projections,
+    rope.rope_scaling_missing,
+    rope.rope_scaling_not_applied,
+    precision.fp16_overflow,
+    moe.moe_router_targets,
+    moe.moe_experts_unadapted,
 ]
 
 __all__ = ["CHECKS", "Finding", "Report", "examine", "apply_fixes", "write_fixed"]
 
 
 def examine(model_or_path, tokenizer=None, template: str | None = None, data: str | None = None, *,
-            trust_remote_code: bool = False, allow_pickle: bool = False) -> Report:
+            trust_remote_code: bool = False, allow_pickle: bool = False, run_dtype=None,
+            lora_targets: list[str] | str | None = None) -> Report:
     """Run every check. ``model_or_path``: a path/hub id, or a model in memory (with ``tokenizer``).
+
+    ``run_dtype``: the compute dtype the model is loaded for (fp16 overflow is an error for
+    ``torch.float16``); ``lora_targets``: the LoRA targets a run will use (MoE checks).
 
     ``trust_remote_code``/``allow_pickle``: the opt-ins for model files that can run code.
     """
@@ -59,7 +80,8 @@ def examine(model_or_path, tokenizer=None, template: str | None = None, data: st
             from pathlib import Path
 
             subject.data_texts = read_data_sample(Path(data))
-    probe = Probe(subject)
+    model = None if isinstance(model_or_path, str) or hasattr(model_or_path, "__fspath__") else model_or_path
+    probe = Probe(subject, model=model, run_dtype=run_dtype, lora_targets=lora_targets)
     report = Report(model=subject.name)
     for check in CHECKS:
         report.add(check(probe))

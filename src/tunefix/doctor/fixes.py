@@ -120,6 +120,13 @@ def fix_end_of_turn(model, tokenizer, finding: Finding, probe: Probe) -> str:
     return f"stop ids are now {stops} (added {finding.evidence['end_of_turn']})"
 
 
+def fix_stop_inside_answer(model, tokenizer, finding: Finding, probe: Probe) -> str:
+    inside = set(finding.evidence["stop_ids_inside"])
+    stops = [i for i in probe.s.stop_ids if i not in inside]
+    model.generation_config.eos_token_id = stops
+    return f"stop ids are now {stops} (removed {', '.join(finding.evidence['tokens'])}, written inside answers)"
+
+
 def fix_gemma_gelu(model, tokenizer, finding: Finding, probe: Probe) -> str:
     from transformers.activations import ACT2FN
 
@@ -150,12 +157,19 @@ def fix_vocab_size(model, tokenizer, finding: Finding, probe: Probe) -> str:
     return f"embeddings resized from {old} to {len(tokenizer)} rows"
 
 
+def fix_fp16_overflow(model, tokenizer, finding: Finding, probe: Probe) -> str:
+    from tunefix.doctor.precision import fix_fp16_overflow as keep_fp32
+
+    return keep_fp32(model, finding.evidence["layers"])
+
+
 FIXERS = {f.__name__: f for f in (fix_untrained_tokens, fix_pad, fix_double_bos, fix_bos_missing,
-                                  fix_end_of_turn, fix_gemma_gelu, fix_sliding_window, fix_vocab_size)}
+                                  fix_end_of_turn, fix_stop_inside_answer, fix_gemma_gelu, fix_sliding_window,
+                                  fix_vocab_size, fix_fp16_overflow)}
 # Order matters: weights first (the pad choice must not pick a row fixed afterwards is
 # fine either way), tokenizer policy next, stop ids last.
 ORDER = ["fix_vocab_size", "fix_untrained_tokens", "fix_gemma_gelu", "fix_sliding_window",
-         "fix_bos_missing", "fix_double_bos", "fix_pad", "fix_end_of_turn"]
+         "fix_fp16_overflow", "fix_bos_missing", "fix_double_bos", "fix_pad", "fix_stop_inside_answer", "fix_end_of_turn"]
 
 
 def apply_fixes(model, tokenizer, report: Report, template: str | None = None,

@@ -59,8 +59,17 @@ class Untrained:
 
 
 class Probe:
-    def __init__(self, subject: Subject):
+    """``model``: the model in memory when one is loaded (checks that run it, such as the fp16
+    probe forward, need it); ``run_dtype``: the compute dtype of the run it is loaded for
+    (``torch.float16`` makes fp16 overflow an error); ``lora_targets``: the LoRA targets the
+    run asks for (None: tunefix's default, every linear projection)."""
+
+    def __init__(self, subject: Subject, model: Any = None, run_dtype: Any = None,
+                 lora_targets: list[str] | str | None = None):
         self.s = subject
+        self.model = model
+        self.run_dtype = run_dtype
+        self.lora_targets = lora_targets
 
     # ---------------------------------------------------------------- template side
     @functools.cached_property

@@ -12,7 +12,7 @@ _KNOWN = [
     ("qwen-2.5", ["<|im_start|>", "<|im_end|>"]),
     ("phi-3", ["<|user|>", "<|assistant|>", "<|end|>"]),
     ("gemma", ["<start_of_turn>", "<end_of_turn>"]),
-    ("mistral", []),  # [INST] is plain text in the Llama 2 vocabulary
+    ("mistral", []),  # v1 ([INST] is text); suggest_templates picks the version
     ("alpaca", []),
     ("vicuna", []),
     ("zephyr", []),
@@ -35,6 +35,12 @@ def suggest_templates(p: Probe) -> list[str]:
     untrained = p.untrained_ids
     out = []
     for name, specials in _registry():
+        if name == "mistral":  # one Mistral entry: the version this vocabulary was made for
+            from tunefix.templates.mistral import CONTROL_TOKENS
+            from tunefix.templates.select import mistral_template
+
+            name = mistral_template(tok)
+            specials = list(CONTROL_TOKENS[name])
         ids = [vocab.get(t) for t in specials]
         if all(i is not None and i not in untrained for i in ids):
             out.append(name)

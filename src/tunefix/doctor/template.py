@@ -57,7 +57,7 @@ def no_end_of_turn(p: Probe) -> Finding | None:
 
 
 def no_generation_prompt(p: Probe) -> Finding | None:
-    from tunefix.doctor.probe import render
+    from tunefix.doctor.probe import ANSWER, render
 
     r = p.rendered
     if r is None:
@@ -66,6 +66,11 @@ def no_generation_prompt(p: Probe) -> Finding | None:
     with_prompt = render(p.s.template, p.s.tokenizer, conv, add_generation_prompt=True)
     without = render(p.s.template, p.s.tokenizer, conv, add_generation_prompt=False)
     if with_prompt != without:
+        return None
+    # Formats without an assistant header (Mistral: the answer follows [/INST]) need none.
+    answered = render(p.s.template, p.s.tokenizer, conv + [{"role": "assistant", "content": ANSWER}],
+                      add_generation_prompt=False)
+    if answered.startswith(without) and answered[len(without):].lstrip().startswith(ANSWER):
         return None
     return Finding("no-generation-prompt", "warning",
                    "the template ignores add_generation_prompt: inference prompts lack the assistant "

@@ -70,6 +70,13 @@ def _read_config(hf_dir: Path) -> dict:
     return json.loads(cfg.read_text(encoding="utf-8"))
 
 
+def _tensor_names(hf_dir: Path) -> list[str]:
+    """The tensor names of a safetensors checkpoint, from its headers (no data read)."""
+    from tunefix.model.files import read_safetensors_header
+
+    return [n for f in sorted(hf_dir.glob("*.safetensors")) for n in read_safetensors_header(f)[0]]
+
+
 def base_type(hf_dir: Path, types: Sequence[str]) -> str:
     """The one type the converter writes for an export of ``types``.
 
@@ -214,16 +221,18 @@ def convert(hf_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str
     if outtype not in CONVERT_TYPES:
         raise TunefixError(f"the converter cannot write {outtype!r}",
                            f"Convert to one of {', '.join(CONVERT_TYPES)} and quantise from it")
-    from tunefix.export.gguf_arch import check_config
+    from tunefix.export.gguf_arch import check_config, converter_flags
 
-    check_config(_read_config(hf_dir))
+    config = _read_config(hf_dir)
+    check_config(config)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     _check_disk_space(hf_dir, out_file.parent, outtype)
     src = assets.llama_cpp_source()
     log.info("converting HF -> GGUF (%s)", outtype)
     with or_silent(progress).stage("convert", outtype), _converter_input(hf_dir) as model_dir, \
             atomic_path(out_file) as tmp:
-        run_converter(_converter_command(src, model_dir, tmp, outtype, name or hf_dir.name), src,
+        flags = converter_flags(config, _tensor_names(model_dir))
+        run_converter(_converter_command(src, model_dir, tmp, outtype, name or hf_dir.name) + flags, src,
                       f"llama.cpp's converter failed on {hf_dir}",
                       "Check that the directory holds a merged model of a supported family", writes=tmp)
     return out_file

@@ -7,6 +7,7 @@ tiny models of ``tunefix.tiny`` against their fp32 PyTorch logits.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from tunefix.errors import TunefixError
 from tunefix.families import family_of
@@ -32,6 +33,26 @@ def gemma_attention_scale_problem(cfg: dict) -> str | None:
         return None
     return (f"{model_type}: query_pre_attn_scalar is {scalar}, but llama.cpp scales attention "
             f"by 1/sqrt({llama_dim}) and ignores it, so the GGUF would compute other logits")
+
+
+# llama.cpp's Qwen3.5 and Qwen3-Next converters export the multi-token-prediction (MTP) head
+# unless told ``--no-mtp``, and count its layers from the checkpoint's ``mtp.*`` tensors when
+# the config does not say; with none they stop (measured on the tiny Qwen3.5:
+# "assert self.opt_num_mtp_layers != 0"). transformers drops ``mtp.*`` on load, so no model
+# tunefix trains or merges carries them, while the config may still say
+# ``mtp_num_hidden_layers: 1``. The flag is the converter's own; other converters refuse it.
+_MTP_ARCHES = ("qwen35", "qwen35moe", "qwen3next")
+
+
+def converter_flags(cfg: dict, tensor_names: Iterable[str]) -> list[str]:
+    """Extra converter arguments for this checkpoint: ``--no-mtp`` where an MTP-aware
+    converter would look for a multi-token-prediction head that is not there."""
+    family = family_of(cfg.get("model_type"))
+    if family is None or family.gguf_arch not in _MTP_ARCHES:
+        return []
+    if any(n.startswith(("mtp.", "model.mtp.")) for n in tensor_names):
+        return []
+    return ["--no-mtp"]
 
 
 def check_config(cfg: dict) -> None:

@@ -211,6 +211,11 @@ def _verify_gguf(verify, path: Path, hf_dir: Path, model, tok, prompts, *, judge
     """Tokens, logits (judged for 16/32-bit files, reported for quantised ones) and, for one
     file, stops; each a ``_check`` record."""
     checks: dict[str, dict] = {}
+    # RoPE first: read from the header (and llama3's rope_freqs tensor), nothing run. A scaling
+    # lost in conversion changes only long prompts, which the parity prompts are not.
+    rp = verify.rope_parity(path, hf_dir)
+    checks["rope"] = _check(rp.ok, f"{rp.gguf.get('type')} rope, base {rp.gguf.get('theta')}", _error_of(rp),
+                            config=rp.config, gguf=rp.gguf)
     tp = verify.token_parity(path, hf_dir, tok=tok)
     checks["tokens"] = _check(tp.ok, f"{tp.checked} texts" + (", double BOS" if tp.double_bos else ""),
                               _error_of(tp), failures=tp.failures[:5], notes=tp.notes)

@@ -486,3 +486,61 @@ def lora_parity(base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike, m
             worst, first = max(worst, m), first or f
     return LogitsParity(Path(adapter_gguf).name, positions, compared, agreed / compared if compared else 1.0,
                         worst, first, max_abs)
+
+
+# ------------------------------------------------------------------------------ RoPE
+
+
+@dataclass
+class RopeParity:
+    file: str
+    config: dict  # the run's RoPE settings (doctor.rope.config_rope)
+    gguf: dict    # the GGUF's (doctor.rope.gguf_rope)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def raise_if_failed(self) -> None:
+        if self.failures:
+            raise TunefixError(f"{self.file}: RoPE metadata differs from the run's config: {self.failures[0]}",
+                               "Long prompts would be computed with other rotations in llama.cpp; "
+                               "convert again from a config with the model's rope_parameters")
+
+
+def rope_parity(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike) -> RopeParity:
+    """The exported GGUF's RoPE (freq_base, scaling type/factor/original context, llama3's
+    ``rope_freqs.weight``) against the run's config.json. Read from the header and that one
+    tensor; nothing is run. Scaling types other than linear, YaRN and llama3 are not judged."""
+    import json
+    import math
+
+    import torch
+
+    from tunefix.doctor.rope import config_rope, gguf_rope, gguf_rope_freqs, llama3_divisors
+
+    gguf_file, hf_dir = Path(gguf_file), Path(hf_dir)
+    want = config_rope(json.loads((hf_dir / "config.json").read_text(encoding="utf-8")))
+    got = gguf_rope(gguf_file)
+    out = RopeParity(gguf_file.name, want, got)
+    if want["theta"] is not None and got["theta"] is not None \
+            and not math.isclose(float(want["theta"]), float(got["theta"]), rel_tol=1e-6):
+        out.failures.append(f"rope_theta {want['theta']} vs freq_base {got['theta']}")
+    if want["type"] not in ("default", "llama3", "linear", "yarn"):
+        return out
+    if want["type"] != got["type"]:
+        out.failures.append(f"scaling {want['type']} in the config, {got['type']} in the GGUF")
+    elif want["type"] in ("linear", "yarn"):
+        for key in ("factor", "original_context"):
+            if want[key] is not None and (got[key] is None or not math.isclose(float(want[key]), float(got[key]))):
+                out.failures.append(f"{key} {want[key]} in the config, {got[key]} in the GGUF")
+    elif want["type"] == "llama3":
+        freqs = gguf_rope_freqs(gguf_file)
+        expected = llama3_divisors(float(want["theta"]), 2 * freqs.numel(), float(want["factor"]),
+                                   float(want["low_freq_factor"]), float(want["high_freq_factor"]),
+                                   int(want["original_context"]))
+        if not torch.allclose(freqs, expected, rtol=1e-5):
+            out.failures.append(f"rope_freqs differ from the config's llama3 scaling by up to "
+                                f"{float((freqs - expected).abs().max()):.4g}")
+    return out

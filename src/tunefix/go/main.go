@@ -2,9 +2,12 @@
 // giving templates the values Ollama gives them, so that tunefix can check its Jinja
 // templates against what Ollama will actually send to the model.
 //
-// Input (stdin): a JSON array of jobs {"template", "messages": [{"role","content"}],
-// "system"}. "system" plays the Modelfile's SYSTEM: it is prepended as a system message
-// when the conversation has none. Output (stdout): a JSON array of {"text"} or {"error"}.
+// Input (stdin): a JSON array of jobs {"template", "messages": [{"role","content",
+// "thinking"}], "system", "think"}. "system" plays the Modelfile's SYSTEM: it is prepended
+// as a system message when the conversation has none. "think" is the request's think switch:
+// null (unset) gives .Think false and .IsThinkSet false, true/false give .Think that value and
+// .IsThinkSet true (Ollama's server/prompt.go). Output (stdout): a JSON array of {"text"} or
+// {"error"}.
 //
 // Written for tunefix from Ollama's documented behaviour (stdlib only, no Ollama code):
 //   - templates are parsed with missingkey=zero and a "json" function;
@@ -39,6 +42,7 @@ type job struct {
 	Template string    `json:"template"`
 	Messages []Message `json:"messages"`
 	System   string    `json:"system"`
+	Think    *bool     `json:"think"`
 }
 
 type result struct {
@@ -140,11 +144,13 @@ func render(j job) (string, error) {
 	system, collated := collate(msgs)
 	var b strings.Builder
 	err = tmpl.Execute(&b, map[string]any{
-		"System":   system,
-		"Messages": collated,
-		"Tools":    nil,
-		"Response": "",
-		"Think":    false,
+		"System":     system,
+		"Messages":   collated,
+		"Tools":      nil,
+		"Response":   "",
+		"Think":      j.Think != nil && *j.Think,
+		"ThinkLevel": "",
+		"IsThinkSet": j.Think != nil,
 	})
 	return b.String(), err
 }

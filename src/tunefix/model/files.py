@@ -207,6 +207,38 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
+def _read(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def _gguf_value(f, vtype: int, keep: bool) -> Any:
+    """The value at the file position (scalars and strings when ``keep``; else skipped by
+    seeking, arrays always)."""
+    import struct
+
+    if vtype in _GGUF_SCALARS:
+        raw = _read(f, _GGUF_SCALARS[vtype])
+        return struct.unpack(_GGUF_FORMATS[vtype], raw)[0] if keep else None
+    if vtype == _GGUF_STRING:
+        n = struct.unpack("<Q", _read(f, 8))[0]
+        if keep:
+            return _read(f, min(n, 1 << 20)).decode("utf-8", "replace")
+        f.seek(n, 1)
+        return None
+    if vtype == _GGUF_ARRAY:
+        etype, count = struct.unpack("<IQ", _read(f, 12))
+        if etype in _GGUF_SCALARS:
+            f.seek(_GGUF_SCALARS[etype] * count, 1)
+        else:
+            for _ in range(count):
+                _gguf_value(f, etype, False)
+        return None
+    raise ValueError(vtype)
+
+
 def gguf_header_values(file: Path, wanted: set[str], max_keys: int = 512) -> dict[str, Any]:
     """The scalar and string values of ``wanted`` keys, read from the GGUF header alone (no
     tensor data; arrays such as the vocabulary are skipped by seeking).
@@ -216,44 +248,18 @@ def gguf_header_values(file: Path, wanted: set[str], max_keys: int = 512) -> dic
     """
     import struct
 
-    def read(f, n: int) -> bytes:
-        data = f.read(n)
-        if len(data) != n:
-            raise EOFError
-        return data
-
-    def value(f, vtype: int, keep: bool):
-        if vtype in _GGUF_SCALARS:
-            raw = read(f, _GGUF_SCALARS[vtype])
-            return struct.unpack(_GGUF_FORMATS[vtype], raw)[0] if keep else None
-        if vtype == _GGUF_STRING:
-            n = struct.unpack("<Q", read(f, 8))[0]
-            if keep:
-                return read(f, min(n, 1 << 20)).decode("utf-8", "replace")
-            f.seek(n, 1)
-            return None
-        if vtype == _GGUF_ARRAY:
-            etype, count = struct.unpack("<IQ", read(f, 12))
-            if etype in _GGUF_SCALARS:
-                f.seek(_GGUF_SCALARS[etype] * count, 1)
-            else:
-                for _ in range(count):
-                    value(f, etype, False)
-            return None
-        raise ValueError(vtype)
-
     found: dict[str, Any] = {}
     try:
         with open(file, "rb") as f:
-            if read(f, 4) != b"GGUF":
+            if _read(f, 4) != b"GGUF":
                 return found
-            _version, _tensors, n_kv = struct.unpack("<IQQ", read(f, 20))
+            _version, _tensors, n_kv = struct.unpack("<IQQ", _read(f, 20))
             for _ in range(min(n_kv, max_keys)):
-                key_len = struct.unpack("<Q", read(f, 8))[0]
+                key_len = struct.unpack("<Q", _read(f, 8))[0]
                 if key_len > 65536:
                     return found
-                key = read(f, key_len).decode("utf-8", "replace")
-                got = value(f, struct.unpack("<I", read(f, 4))[0], key in wanted)
+                key = _read(f, key_len).decode("utf-8", "replace")
+                got = _gguf_value(f, struct.unpack("<I", _read(f, 4))[0], key in wanted)
                 if key in wanted and got is not None:
                     found[key] = got
                     if len(found) == len(wanted):
@@ -261,6 +267,32 @@ def gguf_header_values(file: Path, wanted: set[str], max_keys: int = 512) -> dic
     except (OSError, EOFError, ValueError, struct.error):
         pass
     return found
+
+
+def gguf_tensors(file: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (ggml type, absolute data offset), read from the header by seeking past
+    the key/value section (gguf-py's reader: 15 s on the tiny Llama's 128k vocabulary; this
+    0.2 s). Empty for a file that is not a GGUF."""
+    import struct
+
+    out: dict[str, tuple[int, int]] = {}
+    alignment = 32  # general.alignment's default; the pinned converter writes no other
+    with open(file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return out
+        _version, n_tensors, n_kv = struct.unpack("<IQQ", _read(f, 20))
+        for _ in range(n_kv):
+            f.seek(struct.unpack("<Q", _read(f, 8))[0], 1)
+            _gguf_value(f, struct.unpack("<I", _read(f, 4))[0], False)
+        infos = []
+        for _ in range(n_tensors):
+            name = _read(f, struct.unpack("<Q", _read(f, 8))[0]).decode("utf-8", "replace")
+            n_dims = struct.unpack("<I", _read(f, 4))[0]
+            f.seek(8 * n_dims, 1)
+            ggml_type, offset = struct.unpack("<IQ", _read(f, 12))
+            infos.append((name, ggml_type, offset))
+        start = -(-f.tell() // alignment) * alignment
+    return {name: (ggml_type, start + offset) for name, ggml_type, offset in infos}
 
 
 def gguf_architecture(file: Path, max_keys: int = 64) -> str | None:
@@ -319,6 +351,10 @@ def _read_gguf(path: Path, dtype):
     from transformers import AutoTokenizer
 
     require_gguf(path)  # transformers would load a Mamba GGUF as a Mamba model
+    if gguf_architecture(path) == "gemma4":  # transformers' tokenizer reading fails on its config
+        from tunefix.assets_build import gemma4_tokenizer
+
+        return dequantized_gguf_model(path, dtype), gemma4_tokenizer(path)
     return dequantized_gguf_model(path, dtype), AutoTokenizer.from_pretrained(str(path.parent),
                                                                              gguf_file=path.name)
 
@@ -334,8 +370,10 @@ def gguf_config(path: Path):
     """The transformers config of a GGUF, with the shape keys its loader leaves out."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     arch = gguf_architecture(path)
+    if arch == "gemma4":
+        return _gemma4_config(path)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     keys = {f"{arch}.{k}": name for name, k in _GGUF_CONFIG_GAPS.items() if hasattr(config, name)}
     for key, value in gguf_header_values(path, set(keys)).items():
         setattr(config, keys[key], int(value))
@@ -370,7 +408,60 @@ def dequantized_gguf_model(path: Path, dtype):
         raise RuntimeError(f"GGUF rebuild of {path.name}: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
+    if config.model_type == "gemma4_text":
+        _gemma4_layer_scalars(path, model)
     return model
+
+
+def _gemma4_config(path: Path):
+    """A Gemma 4 GGUF's config, rebuilt from its header.
+
+    transformers 5.24 reads the per-layer KV head counts into ``num_key_value_heads`` (a list
+    its config then refuses) and leaves out the sliding layers' head_dim, the layer pattern,
+    the logit softcap, keys-as-values and each layer type's RoPE (measured on the tiny model:
+    it does not load at all). The full layers' RoPE fraction is the share of ``rope_freqs``
+    that the converter left at 1 (the rest it sets to 1e30: not rotated).
+    """
+    import gguf
+    from transformers import Gemma4TextConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    reader = gguf.GGUFReader(str(path))
+    h = {k.split(".", 1)[1]: f.contents() for k, f in reader.fields.items() if k.startswith("gemma4.")}
+    tensors = {t.name: t for t in reader.tensors}
+    swa = h["attention.sliding_window_pattern"]
+    kv = h["attention.head_count_kv"]
+    kv = kv if isinstance(kv, list) else [kv] * len(swa)
+    full = [i for i, s in enumerate(swa) if not s]
+    freqs = tensors["rope_freqs.weight"].data
+    cfg = load_gguf_checkpoint(str(path))["config"]  # the keys transformers does read
+    cfg.pop("model_type", None)
+    cfg.update(
+        num_key_value_heads=kv[swa.index(True)] if True in swa else kv[0],
+        num_global_key_value_heads=kv[full[0]] if full else None,
+        head_dim=h["attention.key_length_swa"], global_head_dim=h["attention.key_length"],
+        layer_types=["sliding_attention" if s else "full_attention" for s in swa],
+        final_logit_softcapping=h.get("final_logit_softcapping"),
+        hidden_size_per_layer_input=h.get("embedding_length_per_layer_input", 0),
+        num_kv_shared_layers=h.get("attention.shared_kv_layers", 0),
+        attention_k_eq_v=bool(full) and not any(f"blk.{i}.attn_v.weight" in tensors for i in full),
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": h["rope.freq_base_swa"]},
+            "full_attention": {"rope_type": "proportional", "rope_theta": h["rope.freq_base"],
+                               "partial_rotary_factor": float((freqs == 1.0).sum()) * 2 / h["attention.key_length"]}})
+    return Gemma4TextConfig(**cfg)
+
+
+def _gemma4_layer_scalars(path: Path, model) -> None:
+    """Each layer's output scale, which transformers 5.24's GGUF loader leaves at 1 (the GGUF
+    names it ``blk.N.layer_output_scale.weight``, the model ``layers.N.layer_scalar``): real
+    Gemma 4 checkpoints train it, so a read-back model without it computes other logits."""
+    import gguf
+
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name.endswith(".layer_output_scale.weight"):
+            layer = model.model.layers[int(t.name.split(".")[1])]
+            layer.layer_scalar.fill_(float(gguf.dequantize(t.data, t.tensor_type).reshape(-1)[0]))  # shape [1]
 
 
 @contextlib.contextmanager

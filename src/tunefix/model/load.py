@@ -65,6 +65,7 @@ def _quantization_config(load_in_4bit: bool):
 def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: bool = False,
                dtype: Any = None, template: str | None = None, fix: bool = True,
                trust_remote_code: bool = False, allow_pickle: bool = False,
+               lora_targets: list[str] | None = None,
                report: Callable[[str], None] | None = print) -> tuple[Any, Any]:
     """Load a causal LM (HF directory, cached hub id or GGUF) with its silent bugs fixed.
 
@@ -75,6 +76,8 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
         without it such a model is refused with a message naming the flag.
     allow_pickle: accept pickle weights (``.bin``/``.pt``), read with ``weights_only=True``;
         without it only safetensors are loaded.
+    lora_targets: the LoRA targets the run will ask for (None: tunefix's default), so that the
+        doctor judges a MoE router or unadapted experts against them.
     Every fix the doctor applies is reported as one line through ``report``.
     """
     import torch
@@ -87,11 +90,20 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
     cuda = torch.cuda.is_available()
     if dtype is None:
         dtype = "auto" if cuda else torch.float32
+    # An fp16 run: fp16 weights asked for, or a GPU without bf16 (compute_dtype). The doctor's
+    # fp16 probe makes overflowing layers an error there, and its fix keeps them in fp32.
+    fp16_run = dtype in (torch.float16, "float16") or (cuda and dtype == "auto"
+                                                       and compute_dtype("cuda") == torch.float16)
     if path.suffix == ".gguf":
         if load_in_4bit:
             raise TunefixError("load_in_4bit from a GGUF file is not supported",
                                "Load the original Hugging Face checkpoint in 4-bit instead")
         model, tok = read_gguf_model(path, torch.float32 if dtype == "auto" else dtype)
+        if fix:  # transformers' GGUF reader drops RoPE scaling (llama3, YaRN, linear): doctor/rope.py
+            from tunefix.doctor.rope import restore_gguf_rope
+
+            if (line := restore_gguf_rope(model, path)) is not None:
+                say(f"tunefix fixed: {line}")
     else:
         if not path.is_dir():
             raise TunefixError(f"{path} is neither a model directory nor a .gguf file",
@@ -128,7 +140,7 @@ def load_model(name_or_path: str, *, max_seq_length: int = 2048, load_in_4bit: b
         tok.chat_template = get_template(template).jinja
     tok.model_max_length = max_seq_length
     if fix:
-        report_ = examine(model, tok)
+        report_ = examine(model, tok, run_dtype=torch.float16 if fp16_run else None, lora_targets=lora_targets)
         for line in apply_fixes(model, tok, report_):
             say(f"tunefix fixed: {line}")
     return model, tok

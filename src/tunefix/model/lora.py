@@ -15,6 +15,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,16 @@ from tunefix.families import FUSED
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Qwen3.5's Gated DeltaNet (linear attention) layers project with these instead of q/k/v/o
+# (named with their parent: "out_proj" alone would also match vision towers). Their
+# depthwise ``conv1d`` is an nn.Conv1d, not a Linear: it stays frozen, as PEFT's "all-linear"
+# leaves it (measured, PEFT 0.21: all-linear adapts exactly these 5 plus the 7 above).
+LINEAR_ATTENTION = tuple(f"linear_attn.{n}" for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b",
+                                                      "out_proj"))
+# MoE routing weights: a module beside a block's ``experts`` (Qwen3-MoE's and Mixtral's ``gate``,
+# gpt-oss's ``router``, Qwen3.5's ``shared_expert_gate``). An adapter there changes which experts
+# each token is sent to; no default target names them (PEFT's "all-linear" does: measured).
+ROUTERS = ("gate", "router", "shared_expert_gate")
 
 
 class SplitLinear(nn.Module):
@@ -100,16 +111,27 @@ def add_lora(model, *, r: int = 16, alpha: int | None = None, dropout: float = 0
     the optimizer's parameter groups, see ``train.optim``)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = list(target_modules or ALL_LINEAR)
+    targets = list(target_modules or ALL_LINEAR + LINEAR_ATTENTION)  # names a model lacks match nothing
     left_out = [t for t in ALL_LINEAR if t not in targets]
     if left_out:
         log.warning("LoRA leaves out %s: fewer adapted projections usually learn less "
                     "(all of q, k, v, o, gate, up, down is the default)", ", ".join(left_out))
+    plan = moe_plan(model.config, targets)
+    expert_parameters = None
+    if plan is not None and plan.routers_adapted:
+        log.warning("LoRA adapts the MoE router(s) %s: tokens may be routed to other experts after "
+                    "training (leave 'gate'/'router' out of the targets)", ", ".join(plan.routers_adapted[:3]))
+    if plan is not None and plan.experts_unadapted and not left_out:
+        # All linear layers were asked for, and PEFT has no mapping of the dense names to this
+        # family's fused experts (gpt-oss, Qwen3.5-MoE): name the stacked expert weights.
+        expert_parameters = plan.expert_parameters
+        log.info("MoE experts adapted through their stacked weights %s", ", ".join(expert_parameters))
     if unfuse_projections(model):
         log.info("split fused projections (qkv_proj, gate_up_proj) so each part gets its own adapter")
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                         target_modules=targets, use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM",
-                        modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None)
+                        modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
+                        target_parameters=expert_parameters)
     with peft_quietly():
         return get_peft_model(model, config)
 
@@ -127,3 +149,49 @@ def peft_quietly() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match",
                                 category=RuntimeWarning)
         yield
+
+
+@dataclass
+class MoePlan:
+    routers_adapted: list[str]      # router modules LoRA would adapt
+    experts_unadapted: list[str]    # ``experts`` modules LoRA would leave without an adapter
+    expert_parameters: list[str]    # the experts' stacked weights, as PEFT ``target_parameters``
+
+
+def is_moe(config) -> bool:
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    return any(isinstance(get(k), int) and get(k) > 0 for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
+def moe_plan(config, targets: list[str] | str, target_parameters: list[str] | None = None) -> MoePlan | None:
+    """What LoRA adapts in the MoE blocks for ``targets``; None for a dense model.
+
+    Found by wrapping a meta-device copy of the model (no weights; 0.1 to 0.4 s on the tiny
+    configs): PEFT's own matching, with its remapping of gate/up/down_proj onto the fused experts
+    where it has one (Qwen3-MoE), and without where it has none (measured, PEFT 0.21: the
+    experts of gpt-oss and Qwen3.5-MoE get no adapter from the all-linear names).
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not is_moe(config):
+        return None
+    if isinstance(config, dict):
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        config = AutoConfig.for_model(config["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    experts = sorted(n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "experts")
+    names = {n for n, _ in model.named_modules()}
+    routers = [f"{e.rsplit('.', 1)[0]}.{leaf}" for e in experts for leaf in ROUTERS
+               if f"{e.rsplit('.', 1)[0]}.{leaf}" in names]
+    stacked = sorted({f"experts.{n.rsplit('.', 1)[-1]}" for n, p in model.named_parameters()
+                      if n.rsplit(".", 2)[-2] == "experts" and p.dim() == 3})
+    lora = LoraConfig(r=8, target_modules=targets, target_parameters=target_parameters)
+    with peft_quietly():
+        wrapped = get_peft_model(model, lora)
+    adapted = {n.split(".lora_A.")[0].removeprefix("base_model.model.").replace(".base_layer", "")
+               for n, _ in wrapped.named_parameters() if ".lora_A." in n}
+    return MoePlan([r for r in routers if r in adapted], [e for e in experts if e not in adapted], stacked)

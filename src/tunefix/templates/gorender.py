@@ -63,10 +63,22 @@ def binary() -> Path:
     return out
 
 
-def render_ollama_many(jobs: Sequence[tuple[str, Sequence[Message], str]]) -> list[str]:
-    """Render (template, messages, modelfile_system) jobs in one Go process."""
-    payload = [{"template": t, "messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
-                "system": system} for t, msgs, system in jobs]
+def _message(m: Message) -> dict[str, str]:
+    """An Ollama API message: tunefix's ``reasoning`` is Ollama's ``thinking`` (``.Thinking``)."""
+    out = {"role": m["role"], "content": m["content"]}
+    if isinstance(m.get("reasoning"), str):
+        out["thinking"] = m["reasoning"]
+    return out
+
+
+def render_ollama_many(jobs: Sequence[tuple]) -> list[str]:
+    """Render (template, messages, modelfile_system[, think]) jobs in one Go process.
+
+    ``think`` is the request's ``think`` (None: unset, as a Modelfile leaves it; True/False:
+    set): templates see ``.Think`` and ``.IsThinkSet`` as Ollama gives them.
+    """
+    payload = [{"template": t, "messages": [_message(m) for m in msgs], "system": system,
+                "think": rest[0] if rest else None} for t, msgs, system, *rest in jobs]
     done = subprocess.run([str(binary())], input=json.dumps(payload), capture_output=True, text=True)
     if done.returncode != 0:
         raise TunefixError(f"the Go template renderer failed: {done.stderr.strip()}")
@@ -78,6 +90,7 @@ def render_ollama_many(jobs: Sequence[tuple[str, Sequence[Message], str]]) -> li
     return [r["text"] for r in results]
 
 
-def render_ollama(template: str, messages: Sequence[Message], system: str = "") -> str:
-    """What Ollama would send to the model for ``messages`` (``system``: the Modelfile SYSTEM)."""
-    return render_ollama_many([(template, messages, system)])[0]
+def render_ollama(template: str, messages: Sequence[Message], system: str = "", think: bool | None = None) -> str:
+    """What Ollama would send to the model for ``messages`` (``system``: the Modelfile SYSTEM;
+    ``think``: the request's think switch, None when unset)."""
+    return render_ollama_many([(template, messages, system, think)])[0]

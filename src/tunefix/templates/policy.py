@@ -62,12 +62,15 @@ def _specials(tokenizer: Any) -> dict[str, str]:
 
 
 def render(tokenizer: Any, template: ChatTemplate | str, messages: Sequence[Message], *,
-           add_generation_prompt: bool = False) -> str:
+           add_generation_prompt: bool = False, **variables: Any) -> str:
     """The text the model sees: ``template`` (a record, or bare Jinja as a model carries it)
-    rendered in the strict sandbox with ``tokenizer``'s special tokens, as Hugging Face passes them."""
+    rendered in the strict sandbox with ``tokenizer``'s special tokens, as Hugging Face passes them,
+    and the record's ``variables`` (``enable_thinking``; ``variables`` here override them).
+    An assistant message's ``reasoning`` reaches the template as ``render.template_message`` says."""
     if isinstance(template, str):
         template = ChatTemplate("jinja", template, None, "", ())
-    return template.render(messages, add_generation_prompt=add_generation_prompt, **_specials(tokenizer))
+    return template.render(messages, add_generation_prompt=add_generation_prompt,
+                           **{**_specials(tokenizer), **variables})
 
 
 # ---------------------------------------------------------------------- end of turn

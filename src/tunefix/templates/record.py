@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,13 @@ class ChatTemplate:
     ``bos`` says whether the Jinja writes ``{{ bos_token }}`` itself (as the family's official
     template does). The Go form never writes BOS: llama.cpp adds it from the GGUF's
     ``add_bos_token``. Either way tunefix's tokenisation yields exactly one BOS.
+
+    ``variables`` are the Jinja variables this record renders with (``{"enable_thinking":
+    False}``): passed on every render (``policy.render``), stored in ``template.json``, and
+    written into the Jinja itself as defaults (``jinja_defaults``) so that a path that carries
+    only the Jinja (a model directory, a GGUF, ``apply_chat_template``) renders the same. The
+    Go form renders the same with Ollama's ``think`` unset (``templates/reasoning.py`` says how
+    ``think`` maps to them and what holds for reasoning templates).
     """
 
     name: str
@@ -38,6 +46,7 @@ class ChatTemplate:
     default_system: str | None = None
     bos: bool = False
     description: str = ""
+    variables: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     @property
     def needs_eos(self) -> bool:
@@ -64,4 +73,12 @@ class ChatTemplate:
             raise TunefixError(f"template {self.name!r} needs the tokenizer's eos_token to render",
                                "Pass eos_token= (render_for(tokenizer, ...) does)")
         return render_jinja(self.jinja, messages, add_generation_prompt=add_generation_prompt,
-                            bos_token=bos_token, eos_token=eos_token, **variables)
+                            bos_token=bos_token, eos_token=eos_token, **{**self.variables, **variables})
+
+
+def jinja_defaults(variables: dict[str, Any]) -> str:
+    """Jinja that gives each of ``variables`` its value unless the caller passes one (what
+    ``ChatTemplate.variables`` writes in front of a template)."""
+    # JSON literals (true, false, numbers, strings) are Jinja literals too.
+    return "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {json.dumps(v)} %}}{{%- endif %}}"
+                   for k, v in variables.items())

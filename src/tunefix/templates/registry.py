@@ -18,6 +18,9 @@ side). Conventions shared by all of them, and why:
 
 from __future__ import annotations
 
+from tunefix.templates.harmony import gpt_oss
+from tunefix.templates.mistral import mistral_templates
+from tunefix.templates.reasoning import templates as reasoning_templates
 from tunefix.templates.record import EOS, ChatTemplate
 
 # Go helpers repeated in every messages-style template: Ollama's idiom for "is this the last
@@ -151,6 +154,9 @@ def _build() -> dict[str, ChatTemplate]:
         + '{{ if ne .Role "system" }}<|{{ .Role }}|>\n{{ .Content }}' + EOS + "\n{{ end }}"
         + _go_gen("<|assistant|>\n") + "{{ end }}",
         EOS, (EOS, "<|user|>"), None, False, "Zephyr (HuggingFaceH4)"))
+    t += mistral_templates()  # v3, v3 Tekken, v7, Tekken v7 (``mistral`` above is v1)
+    t.append(gpt_oss())  # harmony (templates/harmony.py)
+    t += reasoning_templates()  # Qwen3, Qwen3.5, SmolLM3, Gemma 4, thinking on and off (templates/reasoning.py)
     return {x.name: x for x in t}
 
 

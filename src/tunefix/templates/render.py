@@ -97,19 +97,36 @@ def compile_jinja(source: str):
                            "Fix the template or choose a registry one with --template") from e
 
 
+# The names under which chat templates read an assistant's reasoning: Qwen3/3.5 and Gemma 4
+# read ``reasoning_content`` (Gemma 4 also ``reasoning``), gpt-oss reads ``thinking``.
+# tunefix's own field is ``reasoning``; Ollama's is ``Thinking`` (``gorender``).
+REASONING_ALIASES = ("reasoning_content", "thinking")
+
+
+def template_message(message: Message) -> dict[str, Any]:
+    """A message as a Jinja template reads it: tunefix's ``reasoning`` also under the names
+    real templates use, so that a model-carried template and a registry entry both see it."""
+    out = dict(message)
+    if isinstance(out.get("reasoning"), str):
+        for name in REASONING_ALIASES:
+            out.setdefault(name, out["reasoning"])
+    return out
+
+
 def render_jinja(source: str, messages: Sequence[Message], *, add_generation_prompt: bool = False,
                  **variables: Any) -> str:
     """Render ``messages`` with the Jinja template ``source``.
 
     ``variables`` are what Hugging Face passes besides the messages: the tokenizer's special
-    tokens (``bos_token``, ``eos_token``, ...) and any extra keyword (``date_string``, ...).
+    tokens (``bos_token``, ``eos_token``, ...) and any extra keyword (``date_string``,
+    ``enable_thinking``, ...). An assistant's ``reasoning`` is passed as ``template_message`` says.
     """
     import jinja2
     from jinja2.exceptions import SecurityError
 
     template = compile_jinja(source)
     try:
-        return template.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+        return template.render(messages=[template_message(m) for m in messages], tools=None, documents=None,
                                add_generation_prompt=add_generation_prompt, **variables)
     except SecurityError as e:
         raise TunefixError(f"chat template refused by the sandbox: {e}",

@@ -154,6 +154,51 @@ def template_for(tokenizer: Any, name_or_file: str | None = None) -> ChatTemplat
     return template.bind(tokenizer.eos_token or "")
 
 
+
+def for_rows(tokenizer: Any, template: ChatTemplate, rows: Any, *, named: bool) -> ChatTemplate:
+    """``template`` in the thinking mode the rows call for: a reasoning template (Qwen3, Qwen3.5,
+    SmolLM3, Gemma 4) trained on rows without any reasoning is trained and served with thinking
+    off (its ``-no-think`` entry), rows with reasoning with thinking on. A template the user
+    ``named`` is kept, with a warning when its mode and the rows disagree."""
+    from tunefix.templates import reasoning
+
+    if "enable_thinking" not in template.variables:
+        return template
+    has = any(isinstance(m, dict) and m.get("reasoning") for row in rows if not isinstance(row, str) for m in row)
+    if reasoning.is_thinking(template) == has:
+        return template
+    other = reasoning.variant(template, has)
+    if named:
+        log.warning("the rows %s reasoning but template %r is in the other thinking mode; %r matches them",
+                    "carry" if has else "carry no", template.name, other)
+        return template
+    log.info("the rows %s reasoning: training and serving with %r", "carry" if has else "carry no", other)
+    return template_for(tokenizer, other)
+
+# Tokens that only Tekken v11 and later define (tool-call arguments and ids, thinking). Tekken
+# v3 and v7 files share one special-token table, [SYSTEM_PROMPT] included (measured: Nemo's
+# tekken_240911.json, a v3 file, has it at id 17), so only these, or a template that writes
+# [SYSTEM_PROMPT], tell a v7+ Tekken tokenizer from Nemo's.
+_TEKKEN_V11 = ("[ARGS]", "[CALL_ID]", "[THINK]")
+
+
+def mistral_template(tokenizer: Any) -> str:
+    """The registry's Mistral entry for this tokenizer's version (``templates/mistral.py``).
+
+    No ``[INST]`` token: v1 (``mistral``, [INST] is text). SentencePiece (byte-fallback
+    pieces such as ``<0x0A>``): v7 with ``[SYSTEM_PROMPT]``, else v3. Tekken (byte-level BPE):
+    ``ministral-3`` (v7+) when the tokenizer shows a later version, else Nemo's v3.
+    """
+    vocab = tokenizer.get_vocab()
+    if "[INST]" not in vocab:
+        return "mistral"
+    if "<0x0A>" in vocab:
+        return "mistral-v7" if "[SYSTEM_PROMPT]" in vocab else "mistral-v3"
+    own = getattr(tokenizer, "chat_template", None)
+    v7 = (isinstance(own, str) and "[SYSTEM_PROMPT]" in own) or any(t in vocab for t in _TEKKEN_V11)
+    return "ministral-3" if v7 else "mistral-v3-tekken"
+
+
 # Where the end of turn and the stop tokens are decided (re-exported for callers).
 end_of_turn = policy.end_of_turn
 stop_tokens = policy.stop_tokens

@@ -31,6 +31,12 @@ class RunConfig:
     """merge template over table columns, e.g. "{sex}, {age} years old[[, deck {deck}]]" """
     output: str | None = None
     """the answer of a table row: a column or a template such as {alive}"""
+    reasoning: str | None = None
+    """the reasoning (thinking before the answer) of a table row: a column or a template such as {why}"""
+    train_turns: Literal["auto", "per-turn", "last"] = "auto"
+    """auto (every assistant turn, each in the context the chat template gives it at inference: one
+    sequence per turn where the template renders earlier turns otherwise, as reasoning templates
+    do), per-turn (always one sequence per assistant turn) or last (only each row's last turn)"""
     system: str | None = None
     """system prompt added to every conversation"""
     max_seq_length: int = 2048

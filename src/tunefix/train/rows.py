@@ -32,16 +32,20 @@ def load_rows(cfg: RunConfig):
     """The config's data, standardised (no model needed): a ``tunefix.data.Prepared``."""
     from tunefix.data import prepare
 
-    return prepare(cfg.data, fmt=cfg.format, merge=cfg.merge, output=cfg.output, system=cfg.system,
-                   limit=cfg.limit_rows, seed=cfg.seed)
+    return prepare(cfg.data, fmt=cfg.format, merge=cfg.merge, output=cfg.output, reasoning=cfg.reasoning,
+                   system=cfg.system, limit=cfg.limit_rows, seed=cfg.seed)
 
 
 def prepare_data(cfg: RunConfig, tokenizer, prepared=None):
     """Rows of the config's data: (template, train conversations, eval conversations)."""
     from tunefix.templates import template_for
+    from tunefix.templates.select import for_rows
 
     prepared = prepared if prepared is not None else load_rows(cfg)
-    template = template_for(tokenizer, cfg.template) if prepared.kind == "chat" else None
+    template = None
+    if prepared.kind == "chat":
+        template = for_rows(tokenizer, template_for(tokenizer, cfg.template), prepared.rows,
+                            named=cfg.template is not None)
     train_rows, eval_rows = hold_out(prepared.rows, cfg.eval_fraction, cfg.seed)
     return template, train_rows, eval_rows
 
@@ -49,7 +53,7 @@ def prepare_data(cfg: RunConfig, tokenizer, prepared=None):
 def tokenize(cfg: RunConfig, tokenizer, template, rows: list, *, warn: bool = True) -> list[dict]:
     from tunefix.data import pack, tokenize_rows
 
-    out = tokenize_rows(tokenizer, template, rows, max_seq_length=cfg.max_seq_length)
+    out = tokenize_rows(tokenizer, template, rows, max_seq_length=cfg.max_seq_length, turns=cfg.train_turns)
     if out.truncated or out.dropped:
         log.warning("%d rows truncated to %d tokens; %d rows dropped (no trainable token left)",
                     out.truncated, cfg.max_seq_length, out.dropped)

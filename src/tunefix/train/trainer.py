@@ -105,6 +105,7 @@ def train(cfg: RunConfig, *, progress: Reporter | None = None, console=None) -> 
     progress = _reporter(progress, console)
     prepared = _check_inputs(cfg)
     model, tok, fixes = _load_model(cfg, progress)
+    cfg = _packing_for(cfg, model, progress)
     template, train_conv, eval_conv = prepare_data(cfg, tok, prepared)
     train_rows = tokenize(cfg, tok, template, train_conv)
     eval_rows = tokenize(cfg, tok, template, eval_conv, warn=False) if eval_conv else []
@@ -164,6 +165,20 @@ def _check_inputs(cfg: RunConfig):
     return prepared
 
 
+def _packing_for(cfg: RunConfig, model, progress: Reporter) -> RunConfig:
+    """``cfg`` without packing where the family's layers would carry state across packed rows."""
+    from dataclasses import replace
+
+    from tunefix.families import family_of
+
+    family = family_of(getattr(model.config, "model_type", None))
+    if not cfg.packing or family is None or family.packs:
+        return cfg
+    progress.note(f"packing is off: {family.name}'s linear-attention layers would carry state from one "
+                  "packed row into the next (rows train unpacked, with dynamic padding)")
+    return replace(cfg, packing=False)
+
+
 def _load_model(cfg: RunConfig, progress: Reporter):
     """The model and tokenizer with the doctor's fixes applied; each fix a note. (model, tok, fixes)"""
     from tunefix.model.load import load_model
@@ -171,7 +186,8 @@ def _load_model(cfg: RunConfig, progress: Reporter):
     fixes: list[str] = []
     model, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit,
                             template=None, trust_remote_code=cfg.trust_remote_code,
-                            allow_pickle=cfg.allow_pickle, report=fixes.append)
+                            allow_pickle=cfg.allow_pickle, lora_targets=cfg.target_modules,
+                            report=fixes.append)
     for line in fixes:
         progress.note(line)
     return model, tok, fixes
