@@ -262,7 +262,7 @@ def batches(stream: list[int], pad: int, seq: int, count: int, batch: int, *,
 
 def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: str = "",
                  allocator: str = "tuned", padding: str = "free"):
-    """Add the LoRA (r, alpha 2r, dropout 0, all linear layers) and set up ``side``.
+    """Add the LoRA (r, alpha 2r, dropout 0, tunefix's default targets) and set up ``side``.
 
     checkpointing: the tunefix side's mode (default: ``selective`` on a CPU, ``offload``
     on CUDA); the baseline always uses transformers' own.
@@ -274,8 +274,13 @@ def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: s
     """
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    from tunefix.model.lora import ALL_LINEAR, LINEAR_ATTENTION
+
+    # Both sides adapt the same layers: tunefix's default targets, which are PEFT's all-linear
+    # on dense models, plus Qwen3.5's linear-attention projections, minus a MoE router (PEFT's
+    # "all-linear" adapts Qwen3-MoE's mlp.gate; tunefix leaves routers alone, see design.md).
+    lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                      target_modules=list(ALL_LINEAR + LINEAR_ATTENTION), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     if side == "baseline":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

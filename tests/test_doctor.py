@@ -243,9 +243,10 @@ def test_clean_setups_have_no_error(family, template, tmp_path):
 
 
 def test_findings_quoting_brackets_print_as_text(capsys):
-    """The Mistral template's "[/INST]" in a finding's evidence is text, not rich markup
-    (it once crashed `tunefix doctor MODEL --template mistral` with a MarkupError)."""
-    code = main(["doctor", str(tiny.tiny_model("mistral")), "--template", "mistral"])
+    """A Mistral template's "[/INST]" in a finding's evidence is text, not rich markup
+    (it once crashed `tunefix doctor MODEL --template mistral` with a MarkupError). Mistral v3's
+    reasoning-in-history evidence quotes it."""
+    code = main(["doctor", str(tiny.tiny_model("mistral")), "--template", "mistral-v3"])
     out = capsys.readouterr().out
     assert code in (0, 1) and "[/INST]" in out and "summary:" in out
 

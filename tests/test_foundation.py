@@ -172,7 +172,7 @@ def test_sentencepiece_tokenizers_match_llama_cpp(name):
     # special tokens when general.name says Phi-3 (this vocab's does; see export/gguf_arch.py),
     # which this tokenizer.json does not do.
     texts = SPM_TEXTS + (SPM_SPECIAL if name == "llama-spm" else [])
-    if name == "gemma-4":  # built by hand from the GGUF (assets_build.gemma4_tokenizer)
+    if name == "gemma-4":  # built by hand from the GGUF (model.files.gemma4_tokenizer)
         texts = SPM_TEXTS + ["<bos>Hello<eos> x", "<|turn>user\nHi<turn|>\n<|turn>model\n"]
     with LlamaProcess(assets.vocab_gguf(name), vocab_only=True) as llm:
         theirs = llm.call("tokenize", [(text, False) for text in texts] + [("a", True)])

@@ -308,7 +308,14 @@ def tokenizer(name: str) -> Path:
     if name == "tekken":  # Mistral ships it as a JSON file, not a vocab GGUF (see tekken_tokenizer)
         return tekken_tokenizer()
     gguf = vocab_gguf(name)
-    return cached_dir(f"tokenizer-{name}", lambda tmp: build_tokenizer(name, gguf, tmp), version="4")
+    return cached_dir(f"tokenizer-{name}", lambda tmp: build_tokenizer(name, gguf, tmp),
+                      version=tokenizer_version(name))
+
+
+def tokenizer_version(name: str) -> str:
+    """The builder version of a tokenizer asset: a change rebuilds it, and the tiny models
+    around it (``tiny._spec_digest``). gemma-4 5: its control tokens listed as special."""
+    return {"gemma-4": "5"}.get(name, "4")
 
 
 def o200k_base() -> Path:

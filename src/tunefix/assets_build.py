@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunefix.model.files import gemma4_tokenizer, read_gguf_vocab
+
 # How each family's real tokenizer handles BOS/EOS, where the vocab-only GGUF (or
 # transformers' reading of it) differs from the real checkpoint. Measured: the Llama 3
 # vocab GGUF carries no add_bos_token key, so transformers builds a tokenizer that adds
@@ -31,23 +33,6 @@ _TOKENIZER_CLASS = {"qwen35": "Qwen3_5Tokenizer"}
 # SentencePiece families: real checkpoints ship tokenizer.model, which llama.cpp's
 # converter reads; the vocab GGUF carries its pieces, scores and types.
 _SENTENCEPIECE = {"llama-spm", "phi-3"}
-
-
-def read_gguf_vocab(gguf_path: Path) -> dict:
-    """Tokens, scores, types and special ids of a GGUF file, as plain Python values."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    out: dict = {}
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
-                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
-                "tokenizer.ggml.model"):
-        field = reader.fields.get(key)
-        if field is not None:
-            out[key.rsplit(".", 1)[1]] = field.contents()
-    return out
 
 
 def build_sentencepiece_model(vocab: dict, out_file: Path) -> None:
@@ -124,41 +109,6 @@ def _sentencepiece_whitespace(tok) -> None:
     backend = tok.backend_tokenizer
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
-
-
-def gemma4_tokenizer(gguf_path: Path):
-    """Gemma 4's tokenizer from its vocab GGUF, built with the tokenizers library.
-
-    transformers 5.24 cannot read this GGUF (its config has per-layer num_key_value_heads),
-    so the fast tokenizer is assembled from the GGUF's own pieces: SentencePiece-style BPE
-    over the merges with byte fallback, spaces as "▁", no space prefix, control tokens
-    (type 3) special and user-defined ones (type 4) plain added tokens, BOS added.
-    Measured: identical ids to llama.cpp on leading/double spaces, digits, emoji, CJK,
-    Cyrillic and special-token text.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = read_gguf_vocab(gguf_path)
-    import gguf
-
-    merges_field = gguf.GGUFReader(str(gguf_path)).fields["tokenizer.ggml.merges"]
-    merges = [tuple(m.split(" ", 1)) for m in merges_field.contents()]
-    tokens, types = vocab["tokens"], vocab["token_type"]
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=True,
-                     unk_token="<unk>", fuse_unk=True)
-    tk = Tokenizer(bpe)
-    tk.normalizer = normalizers.Replace(" ", "▁")
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                           for i, t in enumerate(types) if t == 3])
-    tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4])
-    bos = tokens[int(vocab["bos_token_id"])]
-    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                      special_tokens=[(bos, int(vocab["bos_token_id"]))])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=tokens[int(vocab["eos_token_id"])],
-                                   unk_token="<unk>", pad_token=tokens[int(vocab.get("padding_token_id", 0))],
-                                   mask_token="<mask>")
 
 
 def build_tokenizer(name: str, gguf_path: Path, out: Path) -> None:

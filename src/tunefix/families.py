@@ -121,7 +121,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                 config={"head_dim": 64, "global_head_dim": 128, "num_global_key_value_heads": 1,
                         "attention_k_eq_v": True, "hidden_size_per_layer_input": 0,
                         "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"},
-                template="alpaca"),
+                template="gemma-4"),
            tanh_gelu=True, stop_texts=("<turn|>", "<eos>")),
     # gpt-oss: MoE (4 tiny experts, top 2) with attention sinks and biases, sliding layers
     # alternating with full ones, YaRN RoPE (factor 32 over 64 original positions, so that the

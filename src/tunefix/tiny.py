@@ -87,7 +87,10 @@ def build_tiny(family: str, out: Path, *, hidden: int = 256, layers: int | None 
 
 def _spec_digest(spec: Tiny) -> str:
     """What the built model depends on: a changed family record rebuilds its cached tiny model."""
-    key = repr((spec.tokenizer, spec.tied, spec.config_class, sorted(spec.config.items())))
+    from tunefix.assets import tokenizer_version
+
+    key = repr((spec.tokenizer, tokenizer_version(spec.tokenizer), spec.tied, spec.config_class,
+                sorted(spec.config.items())))
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

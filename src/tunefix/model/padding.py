@@ -137,6 +137,15 @@ def padding_free_loss(model, batch: Mapping[str, torch.Tensor], *, enabled: bool
     groups = split_rows(batch, min_group_tokens=min_group_tokens) if enabled else [dict(batch)]
     if len(groups) > 1 and num_items_in_batch is None:  # the whole batch's mean, not each group's
         num_items_in_batch = int((shift_labels_of(batch["labels"]) != -100).sum())
-    parts = [model_loss(model, drop_padding_mask(group, enabled=drop_mask),
-                        num_items_in_batch=num_items_in_batch, impl=impl) for group in groups]
+    parts = []
+    for group in groups:
+        # Autocast caches its casts of trainable weights until the outermost autocast exits, so a
+        # second group's forward would cast nothing, while its recompute in the backward (a fresh
+        # autocast) casts again: selective checkpointing then finds an op it never saw and stops
+        # the run (measured: "_to_copy invocation index 23 ... not found", any family, bf16).
+        # Each group starts from an empty cache, as its recompute will; the casts are the
+        # adapters' (frozen weights are never cached).
+        torch.clear_autocast_cache()
+        parts.append(model_loss(model, drop_padding_mask(group, enabled=drop_mask),
+                                num_items_in_batch=num_items_in_batch, impl=impl))
     return sum(parts[1:], parts[0])
