@@ -19,7 +19,7 @@ MARGIN = 0.01
 # gemma2 and gemma3 export because their query_pre_attn_scalar equals head_dim (see
 # test_gemma_attention_scale_mismatch_is_refused for the configs that do not).
 TINY = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe", "smollm3",
-        "gemma4", "qwen3_5", "ministral3")
+        "gemma4", "qwen3_5", "ministral3", "gpt_oss")
 # Gemma 4 scales attention by 1 after RMS-normed q and k (Gemma 3: 1/8 at head_dim 64): on the
 # random tiny model its attention logits are 8x sharper, and llama.cpp's f16 KV cache moves the
 # output logits by up to 0.017 (measured; 0.003 with an f32 cache, top-1 agreement 100% both).
@@ -254,12 +254,23 @@ def _transformers_reads(family: str) -> bool:
     """transformers 5.24's GGUF loader knows the architecture. Not Qwen3.5's ("qwen35": no
     config mapping, no tensor processor for the DeltaNet's conv1d/A_log/reordered V heads),
     nor Ministral 3's ("mistral3": no config mapping), so their GGUFs are checked in llama.cpp
-    only."""
+    only; nor gpt-oss's, which it maps but misreads (tunefix refuses it: test below)."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     from tunefix.families import FAMILIES
+    from tunefix.model.files import GGUF_MISREAD
 
-    return FAMILIES[family].model_types[0] in GGUF_CONFIG_MAPPING
+    record = FAMILIES[family]
+    return record.model_types[0] in GGUF_CONFIG_MAPPING and record.gguf_arch not in GGUF_MISREAD
+
+
+@pytest.mark.slow
+def test_a_gguf_transformers_misreads_is_refused_in_one_line(tiny_exports):
+    from tunefix.errors import TunefixError
+    from tunefix.model.load import load_model
+
+    with pytest.raises(TunefixError, match="misreads its YaRN RoPE keys"):
+        load_model(str(tiny_exports("gpt_oss")["file"]), report=None)
 
 
 @pytest.mark.slow

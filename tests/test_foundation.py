@@ -88,6 +88,31 @@ def test_built_directory_is_rebuilt_when_changed(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_two_processes_building_one_cache_entry_build_it_once(tmp_path):
+    """The benchmark's two sides start on a fresh cache together: one builds, the other waits
+    and gets the same directory (they once raced on the final rename)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tunefix import assets\n"
+        "def build(d):\n"
+        "    with open(sys.argv[1], 'a') as log: log.write('built\\n')\n"
+        "    time.sleep(1.0)\n"
+        "    (d / 'a.txt').write_text('hello')\n"
+        "print(assets.cached_dir('shared', build))\n")
+    env = dict(__import__("os").environ, **{assets.CACHE_ENV: str(tmp_path / "cache")})
+    log = tmp_path / "builds.log"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(log)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert outs[0][0] == outs[1][0] and log.read_text() == "built\n"
+    assert (tmp_path / "cache" / "shared" / "a.txt").read_text() == "hello"
+
+
 def test_smollm2_answers_a_chat_question():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

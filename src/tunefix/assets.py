@@ -23,6 +23,7 @@ The cache lives in ``$TUNEFIX_CACHE`` or ``~/.cache/tunefix``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -34,7 +35,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,21 +218,42 @@ def verify_dir(directory: Path) -> bool:
     return expected == _manifest_of(directory)
 
 
+@contextlib.contextmanager
+def _building(name: str) -> Iterator[None]:
+    """One process at a time checks and builds cache entry ``name``: two that built it at once
+    (the benchmark's two sides, on a fresh cache) raced on the final rename (measured:
+    "Directory not empty", or one side deleting the directory the other had just finished)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): builds stay atomic, only not serialised
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def cached_dir(name: str, build: Callable[[Path], None], version: str = "1") -> Path:
     """Return ``cache/name``, building it with ``build(tmp_dir)`` when missing or corrupt.
 
     ``version`` is part of the manifest: bump it when the builder's output changes.
     """
     final = cache_root() / name
-    if final.exists():
-        if verify_dir(final) and json.loads((final / MANIFEST).read_text()).get("version") == version:
-            return final
-        log.warning("cached %s is incomplete or changed: building it again", name)
-        shutil.rmtree(final)
-    log.info("building %s", name)
-    with atomic_dir(final) as tmp:
-        build(tmp)
-        (tmp / MANIFEST).write_text(json.dumps({"version": version, "files": _manifest_of(tmp)}, indent=1))
+    with _building(name):
+        if final.exists():
+            if verify_dir(final) and json.loads((final / MANIFEST).read_text()).get("version") == version:
+                return final
+            log.warning("cached %s is incomplete or changed: building it again", name)
+            shutil.rmtree(final)
+        log.info("building %s", name)
+        with atomic_dir(final) as tmp:
+            build(tmp)
+            (tmp / MANIFEST).write_text(json.dumps({"version": version, "files": _manifest_of(tmp)}, indent=1))
     return final
 
 

@@ -124,14 +124,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                 template="gemma-4"),
            tanh_gelu=True, stop_texts=("<turn|>", "<eos>")),
     # gpt-oss: MoE (4 tiny experts, top 2) with attention sinks and biases, sliding layers
-    # alternating with full ones, YaRN RoPE (factor 32 over 64 original positions, so that the
-    # tiny's 2048 positions are the scaled context as in the real 131072 / 4096). Real
+    # alternating with full ones, YaRN RoPE as the real config (factor 32 over 4096 original
+    # positions, truncate false). Over 64 original positions llama.cpp's f16 logits differed
+    # from transformers' by up to 0.84 (0.001 over 4096): llama.cpp seems not to honour
+    # truncate=false, which shifts the YaRN ramp most when the original context is short. Real
     # checkpoints keep experts in MXFP4; the tiny is bf16. <|end|> closes analysis messages
     # and history turns: never a pad, never a stop (templates/harmony.py).
     Family("gpt_oss", ("gpt_oss",), "gpt-oss",
            Tiny("o200k-harmony", tied=False, config_class="GptOssConfig",
                 config={"head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 128,
-                        "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64,
+                        "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
                                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                             "rope_theta": 150000.0}},
                 # harmony's fixed system message alone is 61 tokens, beyond the family tests'

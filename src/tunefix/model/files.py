@@ -405,11 +405,21 @@ def gemma4_tokenizer(gguf_path: Path):
                                    mask_token="<mask>", additional_special_tokens=extra)
 
 
+# GGUF architectures transformers 5.24 maps but reads wrongly: refused with the reason rather
+# than loaded as another model (measured on the tiny gpt-oss: rope_type and the YaRN betas came
+# back as raw arrays, the factor as 27 and the original context as 44 instead of 32 and 4096).
+GGUF_MISREAD = {"gpt-oss": "transformers 5.24 misreads its YaRN RoPE keys"}
+
+
 def _read_gguf(path: Path, dtype):
     from transformers import AutoTokenizer
 
     require_gguf(path)  # transformers would load a Mamba GGUF as a Mamba model
-    if gguf_architecture(path) == "gemma4":  # transformers' tokenizer reading fails on its config
+    arch = gguf_architecture(path)
+    if arch in GGUF_MISREAD:
+        raise TunefixError(f"cannot read {path.name} as a trainable model: {GGUF_MISREAD[arch]}",
+                           "Pass the model's Hugging Face directory (the GGUF itself runs in llama.cpp)")
+    if arch == "gemma4":  # transformers' tokenizer reading fails on its config
         return dequantized_gguf_model(path, dtype), gemma4_tokenizer(path)
     return dequantized_gguf_model(path, dtype), AutoTokenizer.from_pretrained(str(path.parent),
                                                                              gguf_file=path.name)
