@@ -294,7 +294,7 @@ def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: s
     from tunefix.model.allocator import tune_cpu_allocator
     from tunefix.model.checkpointing import apply_checkpointing
     from tunefix.model.fused_lora import fuse_lora_forward
-    from tunefix.model.padding import padding_free_loss
+    from tunefix.model.padding import groups_pay_off, padding_free_loss
 
     # Process-wide malloc settings: the start of training, CPU only (on CUDA the
     # activations are not in malloc's heap).
@@ -305,6 +305,8 @@ def prepare_side(side: str, model, *, lora_r: int, device: str, checkpointing: s
     notes["checkpointing"] = checkpointing or ("selective" if device == "cpu" else "offload")
     apply_checkpointing(model, notes["checkpointing"])
     notes["fused_lora_layers"] = fuse_lora_forward(model)
+    # As the trainer decides: no groups where each forward rebuilds the expert weights (MoE).
+    padding = padding if groups_pay_off(model) else "dynamic"
     notes["padding"] = padding
 
     def step_loss(batch):

@@ -67,3 +67,15 @@ def test_experts_train_through_the_grouped_kernel_with_their_adapters():
     assert grads.keys() == eager_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_padded_batches_stay_whole_where_each_forward_rebuilds_the_experts():
+    """Groups (padding-free) re-add every expert's B @ A once per forward: on a MoE LoRA the
+    trainer computes the padded batch in one forward (bench/RESULTS.md has the measurement)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunefix.model.padding import groups_pay_off
+
+    assert not groups_pay_off(_lora(None))
+    dense = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama")), dtype=torch.float32)
+    assert groups_pay_off(add_lora(dense, r=8))

@@ -5,26 +5,21 @@ from __future__ import annotations
 
 from tunefix.doctor.probe import Probe
 
-# Fallback when the template registry is not importable: (name, special tokens it writes).
-_KNOWN = [
+# The registry templates a model without one may be offered: (name, the special tokens it
+# writes). The thinking entries are left out: a base model has no reasoning to be trained on.
+SUGGESTIONS = [
     ("llama-3", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     ("chatml", ["<|im_start|>", "<|im_end|>"]),
     ("qwen-2.5", ["<|im_start|>", "<|im_end|>"]),
     ("phi-3", ["<|user|>", "<|assistant|>", "<|end|>"]),
     ("gemma", ["<start_of_turn>", "<end_of_turn>"]),
+    ("gemma-4", ["<|turn>", "<turn|>"]),
+    ("gpt-oss", ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"]),
     ("mistral", []),  # v1 ([INST] is text); suggest_templates picks the version
     ("alpaca", []),
     ("vicuna", []),
     ("zephyr", []),
 ]
-
-
-def _registry() -> list[tuple[str, list[str]]]:
-    try:
-        from tunefix.templates import registry_special_tokens
-    except ImportError:
-        return _KNOWN
-    return registry_special_tokens()
 
 
 def suggest_templates(p: Probe) -> list[str]:
@@ -34,7 +29,7 @@ def suggest_templates(p: Probe) -> list[str]:
     vocab = tok.get_vocab()
     untrained = p.untrained_ids
     out = []
-    for name, specials in _registry():
+    for name, specials in SUGGESTIONS:
         if name == "mistral":  # one Mistral entry: the version this vocabulary was made for
             from tunefix.templates.mistral import CONTROL_TOKENS
             from tunefix.templates.select import mistral_template

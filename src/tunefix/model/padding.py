@@ -121,6 +121,17 @@ def min_group_tokens_for(device: torch.device | str) -> int:
     return MIN_GROUP_TOKENS_CPU if torch.device(device).type == "cpu" else MIN_GROUP_TOKENS_ACCELERATOR
 
 
+def groups_pay_off(model) -> bool:
+    """Whether computing a batch in groups (``padding_free_loss``) saves time on ``model``: not
+    where every forward rebuilds whole weights. PEFT's adapters on fused expert parameters
+    (Qwen3-MoE, gpt-oss) add B @ A to every expert's weight in each forward, so each group
+    pays that again (measured, tiny Qwen3-MoE at 2 x 2048 against plain transformers + PEFT:
+    0.85x the speed in groups, 1.30x in one padded forward; memory 0.19x and 0.18x)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return not any(isinstance(m, ParamWrapper) for m in model.modules())
+
+
 def padding_free_loss(model, batch: Mapping[str, torch.Tensor], *, enabled: bool = True,
                       drop_mask: bool = True, num_items_in_batch: torch.Tensor | int | None = None,
                       impl: str | None = None, min_group_tokens: int | None = None) -> torch.Tensor:

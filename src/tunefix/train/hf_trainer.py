@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer
 
 from tunefix.model import loss as lean  # looked up per call: a test's stand-in never sticks
-from tunefix.model.padding import padding_free_loss
+from tunefix.model.padding import groups_pay_off, padding_free_loss
 
 
 class TunefixTrainer(Trainer):
@@ -32,6 +32,7 @@ class TunefixTrainer(Trainer):
         self.padding_free, self.allocator = padding_free, allocator
         self.tokens_seen = 0  # attention-mask tokens of every forward: the tok/s of the logs
         super().__init__(*args, **kwargs)
+        self.padding_free = padding_free and groups_pay_off(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.tokens_seen += int(inputs["attention_mask"].sum())
