@@ -9,6 +9,7 @@ sample of them as real ``tunefix`` processes, where warnings and logging reach s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -405,29 +406,40 @@ def one_line_with_next_step(err: str) -> str:
     return line
 
 
-def point_logging_at_stderr() -> None:
-    """Point every logging stream handler at the current (captured) stderr.
+@contextlib.contextmanager
+def logging_at_stderr():
+    """Every logging stream handler pointed at the current (captured) stderr, for the block.
 
-    main() configures logging once per process, and libraries (transformers) install their
-    own handler at import: each holds the stderr of its time, a previous test's capture.
+    Libraries (transformers) install their own handler at import: it holds the stderr of its
+    time. Pointed back afterwards: a handler left on this test's capture, closed when the test
+    ends, made a later test's warning print "--- Logging error ---" and a traceback (measured).
     """
     loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
                                         if isinstance(lg, logging.Logger)]
+    saved = []
     for lg in loggers:
         for h in lg.handlers:
             if type(h) is logging.StreamHandler:
-                h.stream = sys.stderr  # not setStream: it flushes the old, closed one
+                saved.append((h, h.stream, vars(h).get("flush")))
+                h.stream = sys.stderr  # not setStream: it flushes the old stream
                 if "flush" in vars(h):  # transformers pins flush to the stderr of its import
                     h.flush = sys.stderr.flush
+    try:
+        yield
+    finally:
+        for h, stream, flush in saved:
+            h.stream = stream
+            if flush is not None:
+                h.flush = flush
 
 
 def run_in_process(argv: list[str], capfd) -> tuple[int, str, str]:
     capfd.readouterr()  # whatever making the inputs printed
-    point_logging_at_stderr()
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code if isinstance(e.code, int) else 2
+    with logging_at_stderr():
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own errors
+            code = e.code if isinstance(e.code, int) else 2
     out, err = capfd.readouterr()
     return code, out, err
 

@@ -100,8 +100,39 @@ def test_family_exports_and_passes_verification(family, runs, capsys):
     for target in (r["run"], out / "run-f16.gguf"):
         assert main(["chat", str(target), "--prompt", "Hello there", "--max-new-tokens", "8"]) == 0
         answers.append(capsys.readouterr().out.strip())
-    assert answers[0] == answers[1], answers
+    if answers[0] != answers[1]:
+        _assert_greedy_differs_only_at_a_tie(r["run"], out / "run-f16.gguf")
     assert tree_digest(r["run"]) == r["before"]
+
+
+TIE = 0.05  # logits this close are a tie that f16 rounding may break either way
+
+
+def _assert_greedy_differs_only_at_a_tie(run: Path, gguf_file: Path) -> None:
+    """The tiny models are random: after two steps their next-token logits are nearly flat, and
+    greedy decoding follows whichever of two near-equal tokens rounding favours. So where the
+    two answers part, the run's own logits must show a tie between the two tokens; a gap
+    larger than ``TIE`` there is a real difference."""
+    import torch
+
+    from tunefix.chat import LlamaChat, open_chat
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    with LlamaChat(gguf_file) as llama:
+        prompt = llama.prompt_ids(messages)
+        generated = llama.llm.call("generate", prompt, sorted(llama.eog), 8)
+    run_chat = open_chat(str(run))
+    model = run_chat.model.float().eval()
+    ids = list(prompt)
+    for token in generated:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        best = int(logits.argmax())
+        if best != token:
+            gap = float(logits[best] - logits[token])
+            assert gap < TIE, f"the run prefers {best} over llama.cpp's {token} by {gap:.3f}"
+            return
+        ids.append(token)
 
 
 # ------------------------------------------------------------------------ LoRA only

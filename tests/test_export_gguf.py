@@ -261,7 +261,10 @@ def _transformers_reads(family: str) -> bool:
     from tunefix.model.files import GGUF_MISREAD
 
     record = FAMILIES[family]
-    return record.model_types[0] in GGUF_CONFIG_MAPPING and record.gguf_arch not in GGUF_MISREAD
+    # Gemma 4's read-back (55 s: transformers parses its 262k vocabulary twice) is
+    # tests/test_gemma4.py's round trip, with trained layer scales.
+    return (record.model_types[0] in GGUF_CONFIG_MAPPING and record.gguf_arch not in GGUF_MISREAD
+            and family != "gemma4")
 
 
 @pytest.mark.slow

@@ -12,9 +12,10 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from tunefix import __version__
@@ -104,6 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _logging_to_stderr(debug: bool) -> Iterator[None]:
+    """tunefix's own lines at INFO, other libraries' only from WARNING (gguf-py, for one, logs
+    "This GGUF file is for Little Endian only" at INFO), unless --debug; for this call only.
+    ``logging.basicConfig`` would leave its handler on the root logger, bound to the stderr
+    of the first call: a later call in the same process (a notebook, a test capturing stderr)
+    then logged into a closed stream ("--- Logging error ---" and a traceback, measured)."""
+    root, ours = logging.getLogger(), logging.getLogger("tunefix")
+    saved = root.level, ours.level
+    handler = None
+    if not root.handlers:  # an application's own logging set-up stays as it is
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+        root.setLevel(saved[0])
+        ours.setLevel(saved[1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(argv if argv is not None else sys.argv[1:])
@@ -118,14 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = train_arguments(argv[argv.index("train") + 1:])
     else:
         opts = options_from(args.options, args)
-    # tunefix's own lines at INFO; other libraries' only from WARNING (gguf-py, for one,
-    # logs "This GGUF file is for Little Endian only" at INFO), unless --debug.
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(message)s", stream=sys.stderr)
-    if not args.debug:
-        logging.getLogger("tunefix").setLevel(logging.INFO)
     try:
-        return handler(opts)
+        with _logging_to_stderr(args.debug):
+            return handler(opts)
     except TunefixError as e:
         if args.debug:
             raise

@@ -111,7 +111,11 @@ def add_lora(model, *, r: int = 16, alpha: int | None = None, dropout: float = 0
     the optimizer's parameter groups, see ``train.optim``)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = list(target_modules or ALL_LINEAR + LINEAR_ATTENTION)  # names a model lacks match nothing
+    # The linear-attention names only where the model has such layers: an adapter's config
+    # lists its targets, and one of a Llama naming DeltaNet projections would puzzle a reader.
+    names = {n for n, _ in model.named_modules()}
+    own = tuple(t for t in LINEAR_ATTENTION if any(n.endswith(t) for n in names))
+    targets = list(target_modules or ALL_LINEAR + own)
     left_out = [t for t in ALL_LINEAR if t not in targets]
     if left_out:
         log.warning("LoRA leaves out %s: fewer adapted projections usually learn less "
