@@ -45,7 +45,7 @@ def tok():
 def harmony(monkeypatch, tmp_path):
     """openai-harmony's gpt-oss encoding, offline: it reads o200k_base from our asset and any
     download it tried would fail (a proxy on a closed port, an empty cache)."""
-    openai_harmony = pytest.importorskip("openai_harmony")
+    import openai_harmony  # a dev dependency: `make test` installs it
     monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(assets.o200k_base()))
     monkeypatch.setenv("TIKTOKEN_RS_CACHE_DIR", str(tmp_path / "empty"))
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):

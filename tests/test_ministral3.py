@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mistral_common
 import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from tunefix import assets, tiny
 from tunefix.data import tokenize_conversation
 from tunefix.templates import template_for
 from tunefix.templates.policy import prompt_ids
-
-mistral_common = pytest.importorskip("mistral_common")
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage  # noqa: E402
-from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
-from mistral_common.protocol.instruct.validator import ValidationMode  # noqa: E402
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
 
 # mistral-common's own copy (the installed package), not the asset's: the reference is independent.
 TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"

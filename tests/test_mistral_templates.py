@@ -8,7 +8,16 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import mistral_common
 import pytest
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    SystemMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from tunefix import assets
 from tunefix.data import tokenize_conversation
@@ -20,16 +29,6 @@ from tunefix.templates.policy import prompt_ids
 from tunefix.templates.probes import PROBES, wants_generation_prompt
 from tunefix.templates.render import render_jinja
 from tunefix.templates.select import mistral_template
-
-mistral_common = pytest.importorskip("mistral_common")
-from mistral_common.protocol.instruct.messages import (  # noqa: E402
-    AssistantMessage,
-    SystemMessage,
-    UserMessage,
-)
-from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
-from mistral_common.protocol.instruct.validator import ValidationMode  # noqa: E402
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
 
 DATA = Path(mistral_common.__file__).parent / "data"
 
