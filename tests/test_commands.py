@@ -74,7 +74,7 @@ def test_train_help_lists_lora_alpha(capsys):
     out = help_of(["train"], capsys)
     doc = flat(field_docs(RunConfig)["lora_alpha"])
     assert f"--lora-alpha INT {doc}" in out, out
-    assert "--method {lora,full}" in out  # a Literal field shows its choices
+    assert "--finetune {lora,full}" in out and "--method {sft,cpt,dpo,orpo,kto,grpo}" in out  # a Literal field shows its choices
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.name for c in COMMANDS])
@@ -129,7 +129,7 @@ def test_a_bad_run_config_choice_is_one_line_and_exit_2(name, tmp_path, monkeypa
 
 def test_run_config_choices_come_from_the_annotations():
     hints = typing.get_type_hints(RunConfig)
-    assert CHOICES["method"] == typing.get_args(hints["method"]) == ("lora", "full")
+    assert CHOICES["finetune"] == typing.get_args(hints["finetune"]) == ("lora", "full")
     assert set(CHOICES) == {n for n, h in hints.items() if typing.get_origin(h) is Literal}
 
 

@@ -23,7 +23,7 @@ def _rows(path: Path) -> Path:
 
 
 def _args(data: Path, out: Path, batch: int, method: str = "lora") -> list[str]:
-    return ["train", "--method", method, "--data", str(data), "--model", str(tiny.tiny_model("llama")), "--template", "llama-3",
+    return ["train", "--finetune", method, "--data", str(data), "--model", str(tiny.tiny_model("llama")), "--template", "llama-3",
             "--output-dir", str(out), "--max-steps", "3", "--batch-size", str(batch),
             "--gradient-accumulation", "1", "--warmup-steps", "0",
             "--max-seq-length", "64", "--seed", "5"]
@@ -98,7 +98,7 @@ def test_resuming_a_sharded_full_fine_tune_is_refused_before_loading(tmp_path, m
     run.mkdir()
     (run / "config.json").write_text("{}")
     cfg = RunConfig(model=str(tiny.tiny_model("llama")), data=str(_rows(tmp_path / "rows.json")),
-                    output_dir=str(run), method="full", resume=True)
+                    output_dir=str(run), finetune="full", resume=True)
     with pytest.raises(TunefixError, match="resuming a full fine-tune run in several processes"):
         train(cfg)
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]

@@ -90,7 +90,7 @@ def test_full_fine_tuning_in_each_family(name, tmp_path):
 
     alpaca = Path(__file__).resolve().parents[1] / "examples" / "alpaca_sample.json"
     cfg = RunConfig(model=str(tiny.tiny_model(name)), data=str(alpaca), template=FAMILIES[name].tiny.template,
-                    output_dir=str(tmp_path / "run"), method="full", max_steps=1, batch_size=2,
+                    output_dir=str(tmp_path / "run"), finetune="full", max_steps=1, batch_size=2,
                     gradient_accumulation=1, warmup_steps=0, learning_rate=1e-3, max_seq_length=64,
                     precision="fp32", report_to="none")
     run = train(cfg).run_dir
@@ -99,7 +99,7 @@ def test_full_fine_tuning_in_each_family(name, tmp_path):
     changed = [k for k in base if k in trained and not torch.equal(base[k].float(), trained[k].float())]
     assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed), changed[:6]
     model, _, _, loaded = load_run(run)
-    assert loaded.method == "full" and not hasattr(model, "peft_config")
+    assert loaded.finetune == "full" and not hasattr(model, "peft_config")
 
 
 def test_a_changed_record_rebuilds_its_tiny_model():

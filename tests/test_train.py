@@ -32,8 +32,19 @@ def _cfg(tmp_path, **kw) -> RunConfig:
     ("lora_r=-4", "--lora-r must be a positive number"),
     ("data=/no/such/file.csv", "--data /no/such/file.csv: no such file"),
     ("max_seq_length=0", "--max-seq-length must be a positive number"),
-    ("method=qlora", "--method must be lora or full"),
-    ("--method=full --load-in-4bit", "--method full cannot train 4-bit weights"),
+    ("finetune=qlora", "--finetune must be lora or full"),
+    ("--finetune=full --load-in-4bit", "--finetune full cannot train 4-bit weights"),
+    # the training methods' settings (issue 19)
+    ("--method dpo --beta 0", "--beta must be a positive number"),
+    ("--beta 0.5", "--beta is a setting of dpo and orpo and kto, not of --method sft"),
+    ("--method dpo --loss-type nope", "--loss-type must be one of sigmoid, hinge"),
+    ("--method kto --loss-type ipo", "--loss-type must be one of kto, apo_zero_unpaired for kto"),
+    ("--method grpo", "--method grpo needs --rewards"),
+    ("--method grpo --rewards json --num-generations 1", "--num-generations must be 2 or more"),
+    ("--method grpo --rewards json,stopped --reward-weights 1", "--reward-weights must be 2 finite numbers"),
+    ("--method dpo --rewards json", "--rewards is a setting of grpo, not of --method dpo"),
+    ("--method cpt --format alpaca", "--method cpt trains on raw text"),
+    ("--method ppo", "--method must be sft, cpt, dpo, orpo, kto or grpo, got 'ppo'"),
 ])
 def test_bad_configs_exit_2_before_loading(override, needle, capsys, monkeypatch):
     import tunefix.model.load as load
@@ -163,7 +174,7 @@ def test_full_fine_tuning_trains_every_weight_and_exports_as_a_model(tmp_path):
     from tunefix.train.run import is_full, load_run
     from tunefix.train.trainer import train
 
-    cfg = _cfg(tmp_path, method="full", learning_rate=1e-4, max_steps=2)
+    cfg = _cfg(tmp_path, finetune="full", learning_rate=1e-4, max_steps=2)
     result = train(cfg)
     run = result.run_dir
     assert is_full(run) and not (run / "adapter").exists()
@@ -175,13 +186,13 @@ def test_full_fine_tuning_trains_every_weight_and_exports_as_a_model(tmp_path):
     assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)
     assert any("embed_tokens" in k for k in changed)  # every weight, not an adapter
     model, tok, template, loaded_cfg = load_run(run)
-    assert loaded_cfg.method == "full" and not hasattr(model, "peft_config")
+    assert loaded_cfg.finetune == "full" and not hasattr(model, "peft_config")
     got = model.get_input_embeddings().weight
     assert torch.equal(got, trained["model.embed_tokens.weight"][: got.shape[0]])
     # One learning rate for all unless the split is asked for; with it, the embeddings' own.
     model.requires_grad_(True)
     assert len(build_optimizer(model, cfg).param_groups) == 1
-    split = build_optimizer(model, _cfg(tmp_path, method="full", embedding_learning_rate=1e-6)).param_groups
+    split = build_optimizer(model, _cfg(tmp_path, finetune="full", embedding_learning_rate=1e-6)).param_groups
     assert [g["lr"] for g in split] == [1e-3, 1e-6]
     assert main(["export", str(run), "--out", str(tmp_path / "export"), "--merged", "--no-verify"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "lora"), "--lora-only"]) == 2

@@ -35,6 +35,15 @@ class PreviewOptions:
     """join N random rows into one conversation"""
     max_seq_length: int = 2048
     """truncate rows to this many tokens"""
+    method: Literal["sft", "cpt", "dpo", "orpo", "kto", "grpo"] = "sft"
+    """the training method the data is for: dpo/orpo show chosen and rejected, kto the labelled
+    completion, grpo the prompt"""
+    chosen: str | None = None
+    """dpo/orpo tables: the chosen answer, a column name or a template such as {good}"""
+    rejected: str | None = None
+    """dpo/orpo tables: the rejected answer, a column name or a template such as {bad}"""
+    label: str | None = None
+    """kto: the column saying whether a completion is desirable (default: label)"""
 
 
 @dataclass
@@ -58,6 +67,8 @@ def run_preview(opts: PreviewOptions) -> int:
 
     if opts.rows < 0:
         raise TunefixError(f"--rows must be at least 0, got {opts.rows}")
+    if opts.method in ("dpo", "orpo", "kto", "grpo"):
+        return _run_preference_preview(opts)
     p = preview(opts.file, fmt=opts.format, merge=opts.merge, output=opts.output, reasoning=opts.reasoning,
                 system=opts.system, turns=opts.turns, template=opts.template, model=opts.model,
                 max_seq_length=opts.max_seq_length, train_turns=opts.train_turns)
@@ -84,6 +95,30 @@ def run_preview(opts: PreviewOptions) -> int:
     kept = "rows" if p.done.history == "whole" else f"sequences (from {len(p.rows)} rows)"
     print(f"total: {len(p.done.rows)} {kept} kept, {p.done.truncated} truncated to {opts.max_seq_length}, "
           f"{p.done.dropped} dropped (nothing left to train), longest {longest} tokens")
+    return 0
+
+
+def _run_preference_preview(opts: PreviewOptions) -> int:
+    """Chosen and rejected (KTO: the completion; GRPO: the prompt) as the trainer gets them."""
+    from tunefix.data.preference import shown
+    from tunefix.data.preview import CLOSE, OPEN, marked_text, preview_preference
+
+    rows, chat, tok, done, stats = preview_preference(
+        opts.file, opts.method, merge=opts.merge, chosen=opts.chosen, rejected=opts.rejected, output=opts.output,
+        label=opts.label, system=opts.system, template=opts.template, model=opts.model,
+        max_seq_length=opts.max_seq_length)
+    print(f"method: {opts.method}   template: {chat.name if chat else '(raw text)'}   rows: {len(rows.rows)}   "
+          f"trained part between {OPEN} {CLOSE}")
+    answers = {"pairs": ("chosen", "rejected"), "kto": ("completion",), "prompts": ("prompt",)}[rows.kind]
+    for row, source in list(zip(done, stats.source, strict=True))[:opts.rows]:
+        for name in answers:
+            ids = row.get(f"{name}_ids", row.get("completion_ids", [])) if name != "prompt" else []
+            text, span = shown(tok, row["prompt_ids"], ids)
+            label = f", label {'desirable' if row['label'] else 'undesirable'}" if "label" in row else ""
+            print(f"--- row {source + 1}, {name}{label}: {len(row['prompt_ids']) + len(ids)} tokens, {len(ids)} trained")
+            print(marked_text(text, [span] if ids else []))
+    print(f"total: {len(done)} rows kept, {stats.truncated} truncated to {opts.max_seq_length}, "
+          f"{stats.dropped} dropped (the prompt alone fills it)")
     return 0
 
 

@@ -89,7 +89,7 @@ def run_train(opts: TrainOptions) -> int:
     console.print(f"trained {result.steps} steps on {result.train_rows} rows; last loss {last:.4f}")
     if result.eval_losses:
         console.print(f"eval loss {result.eval_losses[-1][1]:.4f} on {result.eval_rows} held-out rows")
-    weights = "model/" if cfg.method == "full" else "adapter/"
+    weights = "model/" if cfg.finetune == "full" else "adapter/"
     console.print(f"run directory: {result.run_dir} ({weights}, tokenizer/, loss.png, metrics.jsonl)")
     return 0
 
@@ -100,6 +100,7 @@ def run_eval(opts: EvalOptions) -> int:
     from rich.console import Console
 
     from tunefix.train.evaluate import evaluate
+    from tunefix.train.methods import method_of
     from tunefix.train.run import load_run, read_run
     from tunefix.train.trainer import prepare_data
 
@@ -112,6 +113,8 @@ def run_eval(opts: EvalOptions) -> int:
     cfg.limit_rows = opts.rows or cfg.limit_rows
     cfg.validate()
     model, tok, template, _ = load_run(opts.run_dir)
+    if method_of(cfg).data == "pairs":
+        return _eval_pairs(cfg, model, tok, template, opts)
     _, train_rows, eval_rows = prepare_data(cfg, tok)
     rows = eval_rows or train_rows
     result = evaluate(model, tok, template, rows, max_new_tokens=opts.max_new_tokens)
@@ -119,4 +122,32 @@ def run_eval(opts: EvalOptions) -> int:
         print(json.dumps({"accuracy": result.accuracy, "stop_rate": result.stop_rate, "n": result.n}))
     else:
         Console().print(result.line())
+    return 0
+
+
+def _eval_pairs(cfg, model, tok, template, opts: EvalOptions) -> int:
+    """A DPO/ORPO run on its held-out pairs: preference accuracy with and without the adapter,
+    and the generated answers' exact match with the chosen answers."""
+    import json
+
+    from rich.console import Console
+
+    from tunefix.train.evaluate import evaluate, preference_accuracy
+    from tunefix.train.preference import load_preference_rows, preference_rows
+
+    _, train_rows, eval_rows, held = preference_rows(cfg, tok, load_preference_rows(cfg))
+    rows, pairs = (eval_rows, held) if eval_rows else (train_rows, load_preference_rows(cfg).rows)
+    trained = preference_accuracy(model, rows)
+    with model.disable_adapter():  # the reference: the same base, no adapter
+        base = preference_accuracy(model, rows)
+    answers = evaluate(model, tok, template, [r["prompt"] + [r["chosen"]] for r in pairs],
+                       max_new_tokens=opts.max_new_tokens)
+    if opts.json:
+        print(json.dumps({"preference_accuracy": trained.accuracy, "margin": trained.margin,
+                          "base_preference_accuracy": base.accuracy, "accuracy": answers.accuracy,
+                          "stop_rate": answers.stop_rate, "n": trained.n}))
+        return 0
+    console = Console()
+    console.print(f"{trained.line()} (without the adapter: {base.accuracy:.1%})")
+    console.print(f"answers equal to the chosen ones: {answers.line()}")
     return 0

@@ -123,3 +123,24 @@ def preview(file: str, *, fmt: str | None = None, merge: str | None = None, outp
         chat = for_rows(tokenizer, template_for(tokenizer, template), prepared.rows, named=template is not None)
     done = tokenize_rows(tokenizer, chat, prepared.rows, max_seq_length=max_seq_length, turns=train_turns)
     return Preview(prepared.format, chat, prepared.rows, done, tokenizer)
+
+
+def preview_preference(file: str, method: str, *, merge: str | None = None, chosen: str | None = None,
+                       rejected: str | None = None, output: str | None = None, label: str | None = None,
+                       system: str | None = None, template: str | None = None, model: str | None = None,
+                       max_seq_length: int = 2048) -> tuple[Any, Any, Any, list, Any]:
+    """Preference data (``method`` dpo, orpo, kto or grpo) loaded and tokenised as training does:
+    (rows, template, tokenizer, tokenised rows, stats); ``data.preference.shown`` renders a row."""
+    import datasets
+
+    from tunefix.data import preference as pref
+    datasets.disable_progress_bars()
+    if max_seq_length < 1:
+        raise TunefixError(f"--max-seq-length must be at least 1, got {max_seq_length}")
+    rows = pref.load_preference(file, pref.METHOD_KINDS[method], merge=merge, chosen=chosen, rejected=rejected,
+                                output=output, label=label, system=system)
+    tokenizer = load_tokenizer(model)
+    chat = pref.template_for_rows(tokenizer, rows, template)
+    tokenize = {"pairs": pref.tokenize_pairs, "kto": pref.tokenize_kto, "prompts": pref.tokenize_prompts}[rows.kind]
+    done, stats = tokenize(tokenizer, chat, rows.rows, max_seq_length)
+    return rows, chat, tokenizer, done, stats

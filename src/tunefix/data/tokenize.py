@@ -191,11 +191,17 @@ def tokenize_conversation(tokenizer: Any, template: ChatTemplate, messages: Sequ
 
 
 def _tokenize(tokenizer: Any, r: Rendering) -> dict[str, list[int]]:
-    # A per-turn sequence is tokenised as inference sees it: the prompt alone, then the turn.
-    # One tokenisation of the whole text can merge across that boundary (measured: Qwen3.5's
-    # prompt ends "<think>\n" and its turn starts "\n</think>": one "\n\n" token in the row,
-    # never in a prompt).
-    cut = r.prompt_end if r.prompt_end is not None else len(r.text)
+    # A per-turn sequence is tokenised as inference sees it: the prompt's own ids, then the
+    # turn. One tokenisation of the whole text can merge across that boundary (measured:
+    # Qwen3.5's prompt ends "<think>\n" and its turn starts "\n</think>": one "\n\n" token in
+    # the row, never in a prompt); then the turn is tokenised alone. Only then: a SentencePiece
+    # tokenizer starts a text of its own with "▁" (measured: mistral-v3 on llama-spm trained a
+    # stray "▁▁" after "[/INST]" where the whole row has none).
+    cut = len(r.text)
+    if r.prompt_end is not None:
+        whole = tokenizer(r.text, add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(r.text[:r.prompt_end], add_special_tokens=False)["input_ids"]
+        cut = len(r.text) if whole[:len(prompt)] == prompt else r.prompt_end
     ids, offsets = [], []
     for a, b in ((0, cut), (cut, len(r.text))):
         if a == b:

@@ -26,7 +26,7 @@ _PROBES = [
 def _inside(p: Probe) -> tuple[list[int], str] | None:
     """Stop ids found inside the trained text of a probe turn (before its last token), with
     that text; None when no probe shows one."""
-    from tunefix.data.tokenize import tokenize_rows
+    from tunefix.data.tokenize import tokenize_conversation
     from tunefix.templates.policy import IGNORE
     from tunefix.templates.record import ChatTemplate
 
@@ -35,7 +35,9 @@ def _inside(p: Probe) -> tuple[list[int], str] | None:
     template = ChatTemplate("model's own", p.s.template, None, eot[1], (eot[1],))
     for conv in _PROBES:
         try:
-            rows = tokenize_rows(tok, template, [conv]).rows
+            # One single-turn probe: tokenize_rows would also warn, into the user's training
+            # output, that the template drops the probe's reasoning.
+            rows = [tokenize_conversation(tok, template, conv)]
         except TunefixError:  # a template that refuses the probe says nothing here
             continue
         for row in rows:

@@ -361,7 +361,7 @@ def plan_export(source: str | os.PathLike, out: str | os.PathLike, opts: ExportO
         raise TunefixError("--lora-only needs a run directory (a model has no adapter)")
     full = src.kind == "run" and is_full(src.path)
     if opts.lora_only and full:
-        raise TunefixError(f"{src.path} is a full fine-tune (--method full): it has no adapter to export alone",
+        raise TunefixError(f"{src.path} is a full fine-tune (--finetune full): it has no adapter to export alone",
                            "Export it with --gguf and/or --merged")
     if opts.ollama and not types and not opts.lora_only:
         raise TunefixError("--ollama needs a GGUF file", "Ask for one with --gguf, e.g. --gguf q4_k_m")

@@ -109,7 +109,20 @@ def add_lora(model, *, r: int = 16, alpha: int | None = None, dropout: float = 0
     """Wrap ``model`` with LoRA adapters (PEFT). ``train_embeddings``: continued
     pretraining, embed_tokens and lm_head trained in full (their learning rate is set by
     the optimizer's parameter groups, see ``train.optim``)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    config = lora_config(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                         use_rslora=use_rslora, train_embeddings=train_embeddings)
+    with peft_quietly():
+        return get_peft_model(model, config)
+
+
+def lora_config(model, *, r: int = 16, alpha: int | None = None, dropout: float = 0.0,
+                target_modules: list[str] | None = None, use_rslora: bool = False,
+                train_embeddings: bool = False) -> Any:
+    """The ``LoraConfig`` ``add_lora`` wraps ``model`` with (fused projections split in place
+    first): what a TRL trainer is given, so that it wraps the model itself."""
+    from peft import LoraConfig
 
     # The linear-attention names only where the model has such layers: an adapter's config
     # lists its targets, and one of a Llama naming DeltaNet projections would puzzle a reader.
@@ -132,12 +145,10 @@ def add_lora(model, *, r: int = 16, alpha: int | None = None, dropout: float = 0
         log.info("MoE experts adapted through their stacked weights %s", ", ".join(expert_parameters))
     if unfuse_projections(model):
         log.info("split fused projections (qkv_proj, gate_up_proj) so each part gets its own adapter")
-    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-                        target_modules=targets, use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM",
-                        modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
-                        target_parameters=expert_parameters)
-    with peft_quietly():
-        return get_peft_model(model, config)
+    return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+                      target_modules=targets, use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM",
+                      modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
+                      target_parameters=expert_parameters)
 
 
 @contextlib.contextmanager

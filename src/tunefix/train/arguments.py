@@ -18,7 +18,7 @@ def build_optimizer(model, cfg: RunConfig):
     emb_lr = cfg.embedding_learning_rate or cfg.learning_rate / 10
     # LoRA: trained embeddings are continued pretraining, always at their lower rate. Full
     # fine-tuning: one rate for all, unless the user asks for the split.
-    split = cfg.method == "lora" or cfg.train_embeddings or cfg.embedding_learning_rate is not None
+    split = cfg.finetune == "lora" or cfg.train_embeddings or cfg.method == "cpt" or cfg.embedding_learning_rate is not None
     main, emb = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -63,8 +63,14 @@ def report_to(cfg: RunConfig) -> list[str]:
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
-    import torch
     from transformers import TrainingArguments
+
+    return TrainingArguments(**training_kwargs(cfg, run_dir, has_eval))
+
+
+def training_kwargs(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict:
+    """The ``TrainingArguments`` of a run, as keywords (TRL's configs extend them)."""
+    import torch
 
     from tunefix._optional import has_bitsandbytes
     from tunefix.model.load import compute_dtype
@@ -72,8 +78,8 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
     cuda = torch.cuda.is_available()
     dtype = compute_dtype("cuda" if cuda else "cpu", cfg.precision)
     optim = "adamw_8bit" if cuda and has_bitsandbytes() else "adamw_torch"
-    fsdp = uses_fsdp(cfg.method)
-    return TrainingArguments(
+    fsdp = uses_fsdp(cfg.finetune)
+    return dict(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation,
         learning_rate=cfg.learning_rate, lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps,

@@ -24,9 +24,10 @@ class LossLog(TrainerCallback):
         self._last = (time.perf_counter(), 0)
 
     def tokens_per_second(self) -> float | None:
-        if self.trainer is None:
+        seen = getattr(self.trainer, "tokens_seen", None)  # TRL's trainers do not count them
+        if seen is None:
             return None
-        now, seen = time.perf_counter(), self.trainer.tokens_seen
+        now = time.perf_counter()
         t0, s0 = self._last
         self._last = (now, seen)
         return (seen - s0) / (now - t0) if now > t0 and seen > s0 else None

@@ -39,9 +39,42 @@ class RunConfig:
     do), per-turn (always one sequence per assistant turn) or last (only each row's last turn)"""
     system: str | None = None
     """system prompt added to every conversation"""
+    chosen: str | None = None
+    """dpo, orpo: the preferred answer of a table row: a column or a template such as {good}"""
+    rejected: str | None = None
+    """dpo, orpo: the rejected answer of a table row: a column or a template"""
+    label: str | None = None
+    """kto: the column saying whether a row's answer is desirable (true/false, 1/0)"""
+    beta: float = 0.1
+    """dpo, kto: how far the model may move from the reference (higher: closer); orpo: the weight
+    of the odds-ratio term beside the answer's own loss"""
+    loss_type: str | None = None
+    """dpo: TRL's DPO loss (sigmoid, ipo, hinge, robust...; default sigmoid); kto: kto or
+    apo_zero_unpaired (default kto)"""
+    desirable_weight: float = 1.0
+    """kto: weight of the desirable answers' loss"""
+    undesirable_weight: float = 1.0
+    """kto: weight of the undesirable answers' loss"""
+    rewards: list[str] | None = None
+    """grpo: the rewards, e.g. exact_match:alive, regex:PATTERN, json, length:N, stopped, or
+    your own function as path/to/file.py:function"""
+    reward_weights: list[float] | None = None
+    """grpo: one weight per reward (default: all 1)"""
+    num_generations: int = 4
+    """grpo: answers sampled per prompt (each group's rewards are compared with each other)"""
+    max_completion_length: int = 64
+    """grpo: the longest sampled answer, in tokens"""
+    temperature: float = 1.0
+    """grpo: sampling temperature of the answers"""
+    top_p: float = 1.0
+    """grpo: nucleus sampling of the answers (1: off)"""
     max_seq_length: int = 2048
     """longest training row in tokens; longer rows are truncated"""
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["sft", "cpt", "dpo", "orpo", "kto", "grpo"] = "sft"
+    """sft (answers to prompts), cpt (continued pretraining on raw text: embed_tokens and lm_head
+    trained too, at embedding_learning_rate), dpo or orpo (from pairs of a chosen and a rejected
+    answer), kto (from answers labelled desirable or not) or grpo (from rewards on sampled answers)"""
+    finetune: Literal["lora", "full"] = "lora"
     """lora (adapters on a frozen base) or full (every weight trained; FSDP under torchrun)"""
     load_in_4bit: bool = False
     """load the base weights in 4-bit NF4 (QLoRA; bitsandbytes, on CUDA or a CPU)"""
@@ -142,14 +175,20 @@ class RunConfig:
             raise TunefixError(f"{o('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.eval_fraction < 1:
             raise TunefixError(f"{o('eval_fraction')} must be in [0, 1), got {self.eval_fraction}")
+        if self.method in ("lora", "full"):  # the spelling of tunefix 0.x, before preference training
+            raise TunefixError(f"{o('method')} {self.method} is now {o('finetune')} {self.method}",
+                               f"{o('method')} names what is learnt: sft, cpt, dpo, orpo, kto or grpo")
         for name, choices in CHOICES.items():  # the Literal fields: method, loss, precision...
             if getattr(self, name) not in choices:
                 raise TunefixError(f"{o(name)} must be {', '.join(choices[:-1])} or {choices[-1]}, "
                                    f"got {getattr(self, name)!r}")
-        if self.method == "full" and self.load_in_4bit:
-            raise TunefixError(f"{o('method')} full cannot train 4-bit weights",
-                               f"Use {o('method')} lora with {o('load_in_4bit')} (QLoRA), or drop "
+        if self.finetune == "full" and self.load_in_4bit:
+            raise TunefixError(f"{o('finetune')} full cannot train 4-bit weights",
+                               f"Use {o('finetune')} lora with {o('load_in_4bit')} (QLoRA), or drop "
                                f"{o('load_in_4bit')}")
+        from tunefix.train.methods import validate_method
+
+        validate_method(self)
         reporters = [r.strip() for r in self.report_to.split(",") if r.strip()]
         if self.report_to not in ("auto", "none") and (not reporters or set(reporters) - {"tensorboard", "wandb"}):
             raise TunefixError(f"{o('report_to')} must be auto, none or a list of tensorboard and wandb, "
@@ -183,7 +222,8 @@ def _coerce(name: str, value: Any) -> Any:
         return str(value)
     try:
         if "list" in text:
-            return value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+            items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+            return [float(v) for v in items] if "list[float]" in text else [str(v) for v in items]
         if "bool" in text:
             if isinstance(value, bool):
                 return value
@@ -221,8 +261,14 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         name = key.lstrip("-").replace("-", "_")
         if name not in _FIELDS:
             raise _unknown(key)
+        if name == "method" and str(value) in LEGACY_METHODS:  # a config of tunefix 0.x, or its run's config.json
+            name = "finetune"
         kwargs[name] = _coerce(name, value)
     return RunConfig(**kwargs)
+
+
+LEGACY_METHODS = ("lora", "full")
+"""``method: lora|full`` was the name of ``finetune`` before preference training: still read."""
 
 
 def load_config(yaml_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -43,7 +43,7 @@ def shard_model(model) -> int:
     names = set(getattr(model, "_no_split_modules", None) or [])
     if not names:
         raise TunefixError(f"{type(model).__name__} does not name its decoder layers; FSDP cannot shard it",
-                           "Run --method full in one process, or use --method lora")
+                           "Run --finetune full in one process, or use --finetune lora")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)

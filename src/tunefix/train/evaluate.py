@@ -70,3 +70,36 @@ def evaluate(model, tokenizer, template, conversations, *, max_new_tokens: int =
     correct = sum(normalize(a) == normalize(e) for a, e in zip(answers, expected, strict=True))
     n = len(expected)
     return EvalResult(correct / n if n else 0.0, sum(stopped) / n if n else 0.0, n, answers, expected)
+
+
+@dataclass
+class PreferenceResult:
+    accuracy: float
+    """how often the model gives the chosen answer a higher log-probability than the rejected one"""
+    margin: float
+    """the mean of log p(chosen) - log p(rejected), summed over each answer's tokens"""
+    n: int
+
+    def line(self) -> str:
+        return (f"preference accuracy {self.accuracy:.1%} on {self.n} held-out pairs (chosen preferred over "
+                f"rejected); mean log-probability margin {self.margin:+.3f}")
+
+
+def answer_logps(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
+    """log p(answer | prompt), summed over the answer's tokens: the quantity DPO's loss compares."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    return float(torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None]).sum())
+
+
+def preference_accuracy(model, rows: list[dict]) -> PreferenceResult:
+    """Preference accuracy over tokenised pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``):
+    ties count as wrong (an untrained model that cannot tell them apart scores 0, not 50%)."""
+    model.eval()
+    margins = [answer_logps(model, r["prompt_ids"], r["chosen_ids"])
+               - answer_logps(model, r["prompt_ids"], r["rejected_ids"]) for r in rows]
+    n = len(margins)
+    return PreferenceResult(sum(m > 0 for m in margins) / n if n else 0.0, sum(margins) / n if n else 0.0, n)

@@ -32,7 +32,8 @@ def load_rows(cfg: RunConfig):
     """The config's data, standardised (no model needed): a ``tunefix.data.Prepared``."""
     from tunefix.data import prepare
 
-    return prepare(cfg.data, fmt=cfg.format, merge=cfg.merge, output=cfg.output, reasoning=cfg.reasoning,
+    fmt = cfg.format or ("text" if cfg.method == "cpt" else None)
+    return prepare(cfg.data, fmt=fmt, merge=cfg.merge, output=cfg.output, reasoning=cfg.reasoning,
                    system=cfg.system, limit=cfg.limit_rows, seed=cfg.seed)
 
 

@@ -30,8 +30,14 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict]:
     return build_config(cfg_data), summary
 
 
+def is_run(path: str | Path) -> bool:
+    """``path`` is a finished tunefix run directory (a model a later stage can start from)."""
+    p = Path(path)
+    return (p / "summary.json").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir())
+
+
 def is_full(run_dir: str | Path) -> bool:
-    """A run of ``--method full``: ``model/`` holds every weight, there is no adapter."""
+    """A run of ``--finetune full``: ``model/`` holds every weight, there is no adapter."""
     return (Path(run_dir) / "model").is_dir() and not (Path(run_dir) / "adapter").is_dir()
 
 
@@ -58,7 +64,10 @@ def load_run(run_dir: str | Path, *, merge: bool = False) -> tuple[Any, Any, Any
         model, _ = load_model(str(run_dir / "model"), max_seq_length=cfg.max_seq_length, report=None)
         model.eval()
         return model, tok, load_template(run_dir), cfg
-    model, _ = load_model(summary["base_model"], max_seq_length=cfg.max_seq_length, report=None)
+    if is_run(summary["base_model"]):  # a stage trained on an earlier run (e.g. DPO after SFT)
+        model = load_run(summary["base_model"], merge=True)[0]
+    else:
+        model, _ = load_model(summary["base_model"], max_seq_length=cfg.max_seq_length, report=None)
     if model.get_input_embeddings().weight.shape[0] < len(tok):  # the doctor added a pad token
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     unfuse_projections(model)  # adapters of fused models were trained on the split parts

@@ -29,6 +29,7 @@ from tunefix.progress import Reporter, Silent
 from tunefix.train.arguments import build_optimizer, report_to, training_arguments
 from tunefix.train.config import RunConfig
 from tunefix.train.distributed import is_main_process, uses_fsdp
+from tunefix.train.methods import method_of
 from tunefix.train.rows import Collator, load_rows, prepare_data, tokenize
 
 
@@ -106,16 +107,21 @@ def train(cfg: RunConfig, *, progress: Reporter | None = None, console=None) -> 
     prepared = _check_inputs(cfg)
     model, tok, fixes = _load_model(cfg, progress)
     cfg = _packing_for(cfg, model, progress)
-    template, train_conv, eval_conv = prepare_data(cfg, tok, prepared)
-    train_rows = tokenize(cfg, tok, template, train_conv)
-    eval_rows = tokenize(cfg, tok, template, eval_conv, warn=False) if eval_conv else []
+    template, train_rows, eval_rows = _rows(cfg, tok, prepared)
     run_dir, checkpoint, created = _open_run_dir(cfg)
-    model = _trainable(cfg, model)
-    args = training_arguments(cfg, run_dir, bool(eval_rows))
+    on_trl = method_of(cfg).trl is not None
+    if on_trl:  # TRL wraps the model with the LoRA config itself (see train/preference.py)
+        from tunefix.train.preference import trl_arguments
+
+        model, peft_config = _trainable_on_trl(cfg, model)
+        args = trl_arguments(cfg, run_dir, bool(eval_rows), tok)
+    else:
+        model, peft_config = _trainable(cfg, model), None
+        args = training_arguments(cfg, run_dir, bool(eval_rows))
     main = is_main_process()
     with _scoped_process_state(cfg, args.report_to, run_dir) as allocator:
         trainer, loss_log, stop = _build_trainer(cfg, model, tok, args, train_rows, eval_rows,
-                                                 allocator=allocator, progress=progress)
+                                                 allocator=allocator, progress=progress, peft_config=peft_config)
         with (progress if main else Silent()).stage("train"):
             _fit(cfg, trainer, run_dir, created, checkpoint)
         if stop.bad_step is not None:
@@ -126,9 +132,21 @@ def train(cfg: RunConfig, *, progress: Reporter | None = None, console=None) -> 
             loss_log.record_eval(trainer.state.global_step, metrics.get("eval_loss"))
     result = RunResult(run_dir, trainer.state.global_step, loss_log.train, loss_log.eval,
                        len(train_rows), len(eval_rows), fixes,
-                       "fsdp" if uses_fsdp(cfg.method) else str(trainer.accelerator.distributed_type.value).lower())
+                       "fsdp" if uses_fsdp(cfg.finetune) else str(trainer.accelerator.distributed_type.value).lower())
     _save(cfg, trainer, tok, template, loss_log, result)
     return result
+
+
+def _rows(cfg: RunConfig, tok, prepared) -> tuple[Any, list[dict], list[dict]]:
+    """(template, train rows, eval rows), tokenised for the run's method."""
+    if method_of(cfg).trl is not None:
+        from tunefix.train.preference import preference_rows
+
+        return preference_rows(cfg, tok, prepared)[:3]
+    template, train_conv, eval_conv = prepare_data(cfg, tok, prepared)
+    train_rows = tokenize(cfg, tok, template, train_conv)
+    eval_rows = tokenize(cfg, tok, template, eval_conv, warn=False) if eval_conv else []
+    return template, train_rows, eval_rows
 
 
 def _reporter(progress: Reporter | None, console) -> Reporter:
@@ -152,11 +170,16 @@ def _check_inputs(cfg: RunConfig):
     report_to(cfg)  # an asked-for logger that is not installed: said before anything loads
     if is_main_process():  # under torchrun/accelerate only rank 0 owns the run directory
         check_run_dir(Path(cfg.output_dir), cfg.resume)
-    if cfg.resume and uses_fsdp(cfg.method):
+    if cfg.resume and uses_fsdp(cfg.finetune):
         raise TunefixError("resuming a full fine-tune run in several processes is not supported (its "
                            "checkpoints hold the weights only, not the sharded optimizer state)",
                            f"Resume it in one process, or start again with another {RunConfig.option('output_dir')}")
-    prepared = load_rows(cfg)  # data and template name first (no model)
+    if method_of(cfg).trl is not None:
+        from tunefix.train.preference import load_preference_rows
+
+        prepared = load_preference_rows(cfg)
+    else:
+        prepared = load_rows(cfg)  # data and template name first (no model)
     if cfg.template:
         from tunefix.templates import get_template
 
@@ -182,7 +205,12 @@ def _packing_for(cfg: RunConfig, model, progress: Reporter) -> RunConfig:
 def _load_model(cfg: RunConfig, progress: Reporter):
     """The model and tokenizer with the doctor's fixes applied; each fix a note. (model, tok, fixes)"""
     from tunefix.model.load import load_model
+    from tunefix.train.run import is_run, load_run
 
+    if is_run(cfg.model):  # a later stage (DPO after SFT): the earlier run's adapter merged in
+        model, tok, _, _ = load_run(cfg.model, merge=True)
+        progress.note(f"starting from the run {cfg.model} (its adapter merged into its base model)")
+        return model, tok, []
     fixes: list[str] = []
     model, tok = load_model(cfg.model, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit,
                             template=None, trust_remote_code=cfg.trust_remote_code,
@@ -219,7 +247,7 @@ def _trainable(cfg: RunConfig, model):
     from tunefix.model.checkpointing import apply_checkpointing, resolve_checkpointing
 
     torch.manual_seed(cfg.seed)
-    if cfg.method == "full":
+    if cfg.finetune == "full":
         model.requires_grad_(True)
     else:
         from tunefix.model.fused_lora import fuse_lora_forward
@@ -227,38 +255,76 @@ def _trainable(cfg: RunConfig, model):
 
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
-                         train_embeddings=cfg.train_embeddings)
+                         train_embeddings=cfg.train_embeddings or cfg.method == "cpt")
         fuse_lora_forward(model, enabled=cfg.fused_lora)
     apply_checkpointing(model, resolve_checkpointing(cfg.gradient_checkpointing, torch.cuda.is_available()))
-    if uses_fsdp(cfg.method):  # after checkpointing: FSDP wraps the checkpointed layers
+    if uses_fsdp(cfg.finetune):  # after checkpointing: FSDP wraps the checkpointed layers
         from tunefix.train.distributed import shard_model
 
         shard_model(model)
     return model
 
 
+def _trainable_on_trl(cfg: RunConfig, model):
+    """(model, LoRA config for TRL to wrap it with; None: every weight trained)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if cfg.finetune == "full":
+        model.requires_grad_(True)
+        return model, None
+    from tunefix.model.lora import lora_config
+
+    return model, lora_config(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
+                              train_embeddings=cfg.train_embeddings)
+
+
+def _after_trl_wraps(cfg: RunConfig, model) -> None:
+    """What ``_trainable`` does after PEFT wraps the model: the fused LoRA forward, checkpointing."""
+    import torch
+
+    from tunefix.model.checkpointing import apply_checkpointing, resolve_checkpointing
+    from tunefix.model.fused_lora import fuse_lora_forward
+
+    fuse_lora_forward(model, enabled=cfg.fused_lora and cfg.finetune == "lora")
+    apply_checkpointing(model, resolve_checkpointing(cfg.gradient_checkpointing, torch.cuda.is_available()))
+
+
 def _build_trainer(cfg: RunConfig, model, tok, args, train_rows: list, eval_rows: list, *, allocator,
-                   progress: Reporter):
+                   progress: Reporter, peft_config=None):
     """The Trainer with tunefix's options and callbacks: (trainer, loss log, NaN stop). Only
     the main process writes metrics.jsonl and reports the steps to ``progress``."""
     from transformers.trainer_callback import PrinterCallback
 
     from tunefix.train.callbacks import LossLog, NonFiniteStop, ReportProgress
-    from tunefix.train.hf_trainer import TunefixTrainer
 
     run_dir, main = Path(cfg.output_dir), is_main_process()
     loss_log = LossLog(run_dir / "metrics.jsonl" if main else None)
     stop = NonFiniteStop()
     callbacks = [loss_log, stop] + ([ReportProgress(progress)] if main else [])
-    trainer = TunefixTrainer(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
-        data_collator=Collator(tok.pad_token_id), optimizers=(build_optimizer(model, cfg), None),
-        callbacks=callbacks, loss_impl=cfg.loss, sharded=uses_fsdp(cfg.method),
-        drop_mask=cfg.drop_padding_mask, padding_free=cfg.padding_free, allocator=allocator)
+    if method_of(cfg).trl is not None:
+        from tunefix.train.preference import build_trainer
+
+        trainer = build_trainer(cfg, model, tok, args, train_rows, eval_rows, peft_config=peft_config,
+                                callbacks=callbacks)
+        _after_trl_wraps(cfg, trainer.model)
+    else:
+        trainer = _sft_trainer(cfg, model, tok, args, train_rows, eval_rows, allocator, callbacks)
     _log_into_run_dir(trainer, run_dir)
     trainer.remove_callback(PrinterCallback)  # the progress reporter shows the logs
     loss_log.trainer = trainer
     return trainer, loss_log, stop
+
+
+def _sft_trainer(cfg: RunConfig, model, tok, args, train_rows: list, eval_rows: list, allocator, callbacks):
+    from tunefix.train.hf_trainer import TunefixTrainer
+
+    return TunefixTrainer(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
+        data_collator=Collator(tok.pad_token_id), optimizers=(build_optimizer(model, cfg), None),
+        callbacks=callbacks, loss_impl=cfg.loss, sharded=uses_fsdp(cfg.finetune),
+        drop_mask=cfg.drop_padding_mask, padding_free=cfg.padding_free, allocator=allocator)
 
 
 def _fit(cfg: RunConfig, trainer, run_dir: Path, created: Path | None, checkpoint: Path | None) -> None:
@@ -277,7 +343,7 @@ def _save(cfg: RunConfig, trainer, tok, template, loss_log, result: RunResult) -
 
     # Under FSDP every process holds a shard: gathering the full weights is collective.
     state = None
-    if uses_fsdp(cfg.method):
+    if uses_fsdp(cfg.finetune):
         from tunefix.train.distributed import full_state_dict
 
         state = full_state_dict(trainer.model)
@@ -331,7 +397,7 @@ def save_run(run_dir: Path, model, tok, template, cfg: RunConfig, state_dict=Non
     template, the template record."""
     from tunefix._io import atomic_dir, write_text
 
-    weights = run_dir / ("model" if cfg.method == "full" else "adapter")
+    weights = run_dir / ("model" if cfg.finetune == "full" else "adapter")
     if weights.exists():
         import shutil
 
@@ -340,7 +406,7 @@ def save_run(run_dir: Path, model, tok, template, cfg: RunConfig, state_dict=Non
         tok.chat_template = template.jinja
     with atomic_dir(weights) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        if cfg.method == "full":  # a whole Hugging Face model directory, loadable on its own
+        if cfg.finetune == "full":  # a whole Hugging Face model directory, loadable on its own
             tok.save_pretrained(str(tmp))
     tok_dir = run_dir / "tokenizer"
     if tok_dir.exists():
